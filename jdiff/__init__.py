@@ -1,0 +1,1 @@
+"""jdiff: diffusion models in JAX/Flax."""
