@@ -1,0 +1,119 @@
+"""Building blocks of the diffusion U-Net (Flax Linen, NHWC).
+
+Every module takes a compute `dtype`; parameters are always fp32. Group norms, the timestep embedding
+and the attention softmax run in fp32 whatever the compute dtype, since bf16 loses too much there.
+Initialisation follows DDPM: Xavier-uniform kernels, and the last conv of every residual branch
+zero-initialised so each block starts as the identity.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+default_init = nn.initializers.xavier_uniform()
+zero_init = nn.initializers.zeros
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding [B] -> [B, dim] of (possibly fractional) timesteps, in fp32."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim - 2 * half)))
+
+
+def group_norm(x: jax.Array, groups: int, name: str | None = None) -> jax.Array:
+  """GroupNorm computed in fp32; returns fp32 (callers cast back after any fp32 follow-up)."""
+  return nn.GroupNorm(num_groups=groups, dtype=jnp.float32, name=name)(x)
+
+
+def conv3x3(features: int, dtype, name: str | None = None, zero: bool = False, strides: int = 1) -> nn.Conv:
+  return nn.Conv(features, (3, 3), strides=strides, padding=((1, 1), (1, 1)), dtype=dtype,
+                 kernel_init=zero_init if zero else default_init, name=name)
+
+
+def dense(features: int, dtype, name: str | None = None, zero: bool = False) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, kernel_init=zero_init if zero else default_init, name=name)
+
+
+class TimeEmbedding(nn.Module):
+  """Sinusoid of width `channels`, then Dense(4*channels), SiLU, Dense(4*channels); fp32 (it is tiny)."""
+  channels: int
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    emb = timestep_embedding(t, self.channels)
+    emb = nn.silu(dense(4 * self.channels, jnp.float32, name="dense0")(emb))
+    return dense(4 * self.channels, jnp.float32, name="dense1")(emb)
+
+
+class ResBlock(nn.Module):
+  """Pre-activation residual block with the time embedding injected between its two convs.
+
+  scale_shift=True: h = norm(h) * (1 + scale) + shift (FiLM, improved-diffusion).
+  scale_shift=False: h = h + proj(temb) before the second norm (DDPM).
+  """
+  features: int
+  groups: int
+  dropout: float
+  scale_shift: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
+    h = nn.silu(group_norm(x, self.groups, "norm1")).astype(self.dtype)
+    h = conv3x3(self.features, self.dtype, "conv1")(h)
+    proj_width = 2 * self.features if self.scale_shift else self.features
+    emb = dense(proj_width, self.dtype, "temb_proj")(nn.silu(temb))[:, None, None, :]
+    if self.scale_shift:
+      scale, shift = jnp.split(emb, 2, axis=-1)
+      h = group_norm(h, self.groups, "norm2") * (1 + scale) + shift
+    else:
+      h = group_norm(h + emb, self.groups, "norm2")
+    h = nn.silu(h).astype(self.dtype)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = conv3x3(self.features, self.dtype, "conv2", zero=True)(h)
+    if x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, kernel_init=default_init, name="shortcut")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over the H*W positions, with 1x1 q/k/v/output projections and a residual."""
+  num_heads: int
+  groups: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, height, width, c = x.shape
+    h = group_norm(x, self.groups, "norm").astype(self.dtype)
+    qkv = dense(3 * c, self.dtype, "qkv")(h).reshape(b, height * width, 3, self.num_heads, c // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # jax.nn.dot_product_attention forms the logits and the softmax in fp32 for bf16 inputs.
+    h = jax.nn.dot_product_attention(q, k, v).reshape(b, height, width, c)
+    return x + dense(c, self.dtype, "proj_out", zero=True)(h)
+
+
+class Downsample(nn.Module):
+  """Halves H and W with a stride-2 3x3 conv."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return conv3x3(x.shape[-1], self.dtype, "conv", strides=2)(x)
+
+
+class Upsample(nn.Module):
+  """Doubles H and W by nearest-neighbour repetition, then a 3x3 conv."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    return conv3x3(c, self.dtype, "conv")(x)
