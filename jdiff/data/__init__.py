@@ -1,0 +1,23 @@
+"""Input data: TFDS image datasets as deterministic, resumable numpy batch iterators, plus offline `sklearn_digits`.
+
+Importing this package registers the `sklearn_digits` TFDS builder. TensorFlow is imported (with the GPUs hidden
+from it) only when data is built or read, so configs and `dataset_info` stay light.
+"""
+from jdiff.data.images import model_range_to_uint8, resize_images, uint8_to_model_range
+from jdiff.data.sources import DatasetUnavailableError
+from jdiff.data.digits import SklearnDigits, digits_split
+from jdiff.data.pipeline import DataConfig, DatasetInfo, dataset_info, local_batch_size, make_train_iterator
+
+__all__ = [
+    "DataConfig",
+    "DatasetInfo",
+    "DatasetUnavailableError",
+    "SklearnDigits",
+    "dataset_info",
+    "digits_split",
+    "local_batch_size",
+    "make_train_iterator",
+    "model_range_to_uint8",
+    "resize_images",
+    "uint8_to_model_range",
+]
