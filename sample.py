@@ -1,0 +1,70 @@
+"""Samples from a trained work dir to a PNG grid or an .npz of raw images.
+
+  python sample.py --workdir runs/default --sampler ddim --steps 20 --num 100 --guidance 3 --out grid.png
+  python sample.py --workdir runs/default --label 7 --num 64 --out sevens.npz
+"""
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+import jdiff
+from jdiff import generate, runtime
+from jdiff.config import ConfigError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work dir that train.py wrote.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output file: .png for a grid, .npz for raw arrays "
+                           "(default: WORKDIR/samples/sample.png).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+_CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step to load (default: the latest).")
+_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler name (default: the config's).")
+_STEPS = flags.DEFINE_integer("steps", None, "Number of sampling steps (default: the config's).")
+_NUM = flags.DEFINE_integer("num", 64, "Number of images.")
+_SEED = flags.DEFINE_integer("seed", 0, "Image i uses seed SEED + i.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale; 1 = none (default: the config's).")
+_LABEL = flags.DEFINE_integer("label", None, "Class of every image (default: cycle through the classes).")
+_ETA = flags.DEFINE_float("eta", None, "DDIM eta / ancestral noise (default: the config's).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.")
+
+
+def output_path() -> str:
+  out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "sample.png")
+  if not out.endswith((".png", ".npz")):
+    raise ValueError(f"--out={out!r} must end in .png (a grid) or .npz (raw arrays)")
+  if os.path.exists(out) and not _OVERWRITE.value:
+    raise ValueError(f"--out={out!r} exists; choose another path or pass --overwrite to replace it")
+  return out
+
+
+def write(samples: jdiff.Samples, out: str, columns: int | None) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  if out.endswith(".npz"):
+    labels = samples.labels if samples.labels is not None else np.full(len(samples.images), -1, np.int32)
+    np.savez(out, images=samples.images, labels=labels, seeds=samples.seeds)
+  else:
+    generate.save_png(generate.make_grid(samples.images, columns=columns), out)
+
+
+def main(argv):
+  runtime.start_cli(argv)
+  try:
+    if _NUM.value < 1:
+      raise ValueError(f"--num={_NUM.value} must be at least 1")
+    out = output_path()
+    pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
+    report = lambda done, total: logging.info("generated %d/%d images", done, total)
+    samples = pipe.generate(_NUM.value, seed=_SEED.value, label=_LABEL.value, sampler=_SAMPLER.value,
+                            steps=_STEPS.value, guidance=_GUIDANCE.value, eta=_ETA.value,
+                            batch_size=_BATCH.value, progress=report)
+  except (ValueError, FileNotFoundError, ConfigError) as e:
+    print(f"sample.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  num_classes = pipe.config.model.num_classes
+  columns = num_classes if num_classes and _LABEL.value is None and _NUM.value % num_classes == 0 else None
+  write(samples, out, columns)
+  print(f"wrote {len(samples.images)} images from checkpoint {pipe.step} to {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,35 @@
+"""Trains a diffusion model: python train.py --config configs/default.py --workdir runs/default
+
+Any config field can be overridden, e.g. --config.training.batch_size=32. Rerunning with the same
+--workdir resumes from its latest checkpoint.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jdiff import runtime
+from jdiff.config import ConfigError
+from jdiff.data import DatasetUnavailableError
+from jdiff.train.loop import train_and_evaluate
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (a Python file with get_config()).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and sample grids.",
+                               required=True)
+
+
+def main(argv):
+  runtime.start_cli(argv)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, DatasetUnavailableError) as e:
+    logging.flush()
+    print(f"train.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
