@@ -2,6 +2,7 @@
 
   python sample.py --workdir runs/default --sampler ddim --steps 20 --num 100 --guidance 3 --out grid.png
   python sample.py --workdir runs/default --label 7 --num 64 --out sevens.npz
+  python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
 """
 import os
 import sys
@@ -25,6 +26,14 @@ _SEED = flags.DEFINE_integer("seed", 0, "Image i uses seed SEED + i.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale; 1 = none (default: the config's).")
 _LABEL = flags.DEFINE_integer("label", None, "Class of every image (default: cycle through the classes).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta / ancestral noise (default: the config's).")
+_SPACING = flags.DEFINE_string("spacing", None, "Timestep spacing: leading, trailing, linspace, or karras sigmas "
+                               "(default: the config's).")
+_RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi in [0, 1] (Lin et al., 2023).")
+_NEGATIVE = flags.DEFINE_integer("negative_label", None, "A class to steer away from, in place of the null class.")
+_INTERPOLATE = flags.DEFINE_integer("interpolate", None, "Write a strip of this many frames interpolating from seed "
+                                    "SEED's noise to --seed_end's (and from --label to --label_end) instead.")
+_SEED_END = flags.DEFINE_integer("seed_end", None, "Last frame's seed for --interpolate (default: SEED + 1).")
+_LABEL_END = flags.DEFINE_integer("label_end", None, "Last frames' class for --interpolate (default: --label).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.")
 
 
@@ -49,19 +58,26 @@ def write(samples: jdiff.Samples, out: str, columns: int | None) -> None:
 def main(argv):
   runtime.start_cli(argv)
   try:
-    if _NUM.value < 1:
-      raise ValueError(f"--num={_NUM.value} must be at least 1")
+    if _NUM.value < 1 or (_INTERPOLATE.value is not None and _INTERPOLATE.value < 2):
+      raise ValueError(f"--num={_NUM.value} must be at least 1 and --interpolate={_INTERPOLATE.value} at least 2")
     out = output_path()
     pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
-    report = lambda done, total: logging.info("generated %d/%d images", done, total)
-    samples = pipe.generate(_NUM.value, seed=_SEED.value, label=_LABEL.value, sampler=_SAMPLER.value,
-                            steps=_STEPS.value, guidance=_GUIDANCE.value, eta=_ETA.value,
-                            batch_size=_BATCH.value, progress=report)
+    options = dict(sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value, guidance=_GUIDANCE.value,
+                   guidance_rescale=_RESCALE.value, negative_label=_NEGATIVE.value, eta=_ETA.value)
+    if _INTERPOLATE.value:
+      samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
+                                 label_end=_LABEL_END.value, **options)
+    else:
+      report = lambda done, total: logging.info("generated %d/%d images", done, total)
+      samples = pipe.generate(_NUM.value, seed=_SEED.value, label=_LABEL.value, batch_size=_BATCH.value,
+                              progress=report, **options)
   except (ValueError, FileNotFoundError, ConfigError) as e:
     print(f"sample.py: error: {e}", file=sys.stderr)
     sys.exit(2)
   num_classes = pipe.config.model.num_classes
   columns = num_classes if num_classes and _LABEL.value is None and _NUM.value % num_classes == 0 else None
+  if _INTERPOLATE.value:
+    columns = _INTERPOLATE.value  # one row
   write(samples, out, columns)
   print(f"wrote {len(samples.images)} images from checkpoint {pipe.step} to {out}")
 

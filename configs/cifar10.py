@@ -27,5 +27,6 @@ def get_config():
       ema_decay=0.9999, ema_warmup=False, log_every=100, checkpoint_every=5000, keep_checkpoints=3,
       sample_every=20_000)
 
-  config.sampling = dict(sampler="ddim", num_steps=100, guidance_scale=1.0, eta=0.0, num_samples=64)
+  config.sampling = dict(sampler="ddim", num_steps=100, spacing="trailing",
+                         guidance_scale=1.0, eta=0.0, num_samples=64)
   return ml_collections.ConfigDict(config)

@@ -30,5 +30,6 @@ def get_config():
       ema_decay=0.999, ema_warmup=True, log_every=100, checkpoint_every=500, keep_checkpoints=3,
       sample_every=500)
 
-  config.sampling = dict(sampler="ddim", num_steps=20, guidance_scale=3.0, eta=0.0, num_samples=100)
+  config.sampling = dict(sampler="ddim", num_steps=20, spacing="trailing",
+                         guidance_scale=3.0, eta=0.0, num_samples=100)
   return ml_collections.ConfigDict(config)

@@ -66,12 +66,14 @@ class SamplingConfig:
   """Defaults for the sample grids written during training and for sample.py."""
   sampler: str = "ddim"
   num_steps: int = 50
+  spacing: str = "trailing"  # timestep spacing: leading, trailing, linspace; or karras sigmas
   guidance_scale: float = 1.0
   eta: float = 0.0
   num_samples: int = 64
 
   def __post_init__(self):
     _check_choice("sampler", self.sampler, samplers.SAMPLERS)
+    _check_choice("spacing", self.spacing, samplers.SPACINGS)
     _check(self.num_steps >= 1, "num_steps", self.num_steps, "an integer >= 1")
     _check(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, ">= 0")
     _check(self.eta >= 0, "eta", self.eta, ">= 0")

@@ -1,7 +1,7 @@
-"""Sampling from a trained U-Net: one compiled program per (model, sampler, steps, shape), PNG grids.
+"""Sampling from a trained U-Net: one compiled program per (model, sampler, steps, spacing, shape), PNG grids.
 
-Seeds, labels, guidance scale and eta are traced, so changing them does not recompile; the sampler name,
-step count and image shape are static.
+Noise, seeds, labels, guidance scale and rescale, and eta are traced, so changing them does not recompile;
+the sampler name, step count, spacing and image shape are static.
 """
 from __future__ import annotations
 
@@ -24,31 +24,63 @@ def unet_model_fn(model: UNet, params):
   return lambda x, t, cond: model.apply({"params": params}, x, t, cond)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prediction", "sampler", "num_steps", "guided"))
-def _generate(params, schedule: Schedule, seeds, labels, guidance_scale, eta, *, model: UNet, prediction: str,
-              sampler: str, num_steps: int, guided: bool):
-  mc = model.config
-  noise = samplers.noise_from_seeds(seeds, (mc.image_size, mc.image_size, mc.in_channels))
+@functools.partial(jax.jit, static_argnames=("model", "prediction", "sampler", "num_steps", "spacing", "guided"))
+def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidance_scale, guidance_rescale, eta, *,
+                 model: UNet, prediction: str, sampler: str, num_steps: int, spacing: str, guided: bool):
   model_fn = unet_model_fn(model, params)
   if guided:
-    null = jnp.full_like(labels, mc.num_classes)
-    model_fn = samplers.guided_model_fn(model_fn, guidance_scale=guidance_scale, uncond=null)
+    model_fn = samplers.guided_model_fn(model_fn, guidance_scale=guidance_scale, uncond=uncond,
+                                        guidance_rescale=guidance_rescale)
   return samplers.sample(model_fn, schedule, noise, labels, sampler=sampler, num_steps=num_steps,
-                         parameterisation=prediction, rng=samplers.keys_from_seeds(seeds), eta=eta)
+                         parameterisation=prediction, rng=keys, eta=eta, spacing=spacing)
 
 
-def generate(model: UNet, params, schedule: Schedule, *, seeds, labels=None, prediction: str = "eps",
-             sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0):
-  """Images in [-1, 1], one per seed. Image i depends only on seeds[i] and labels[i], not on the batch."""
-  seeds = jnp.asarray(seeds, jnp.uint32)
-  conditional = model.config.num_classes > 0
-  if conditional and labels is None:
-    labels = jnp.full(seeds.shape, model.config.num_classes, jnp.int32)
-  if labels is not None:
-    labels = jnp.asarray(labels, jnp.int32)
-  guided = conditional and guidance_scale != 1.0
-  return _generate(params, schedule, seeds, labels, jnp.float32(guidance_scale), jnp.float32(eta),
-                   model=model, prediction=prediction, sampler=sampler, num_steps=num_steps, guided=guided)
+def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=None, negative_labels=None,
+                prediction: str = "eps", sampler: str = "ddim", num_steps: int = 50, spacing: str = "trailing",
+                guidance_scale: float = 1.0, guidance_rescale: float = 0.0, eta: float | None = None):
+  """Images in [-1, 1] from initial noise [B, H, W, C] and per-example keys [B] for stochastic samplers.
+
+  For a class-conditional model, guidance steers from `negative_labels` (default: the null class, i.e.
+  classifier-free guidance) toward `labels` (default: all null, i.e. unconditional samples).
+  """
+  num_classes = model.config.num_classes
+  if num_classes:
+    null = jnp.full((noise.shape[0],), num_classes, jnp.int32)
+    labels = null if labels is None else jnp.asarray(labels, jnp.int32)
+    uncond = null if negative_labels is None else jnp.asarray(negative_labels, jnp.int32)
+  else:
+    labels = uncond = None
+  guided = bool(num_classes) and (guidance_scale != 1.0 or negative_labels is not None)
+  eta = samplers.DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
+  return _sample_unet(params, schedule, noise, keys, labels, uncond, jnp.float32(guidance_scale),
+                      jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
+                      sampler=sampler, num_steps=num_steps, spacing=spacing, guided=guided)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prediction", "num_steps", "spacing", "refine"))
+def invert_unet(params, schedule: Schedule, x0, labels, *, model: UNet, prediction: str, num_steps: int,
+                spacing: str = "trailing", refine: int = 0):
+  """DDIM inversion of images x0 in [-1, 1] into the initial noise that 'ddim' at eta 0 decodes back to them."""
+  return samplers.ddim_invert(unet_model_fn(model, params), schedule, x0, labels, num_steps=num_steps,
+                              parameterisation=prediction, spacing=spacing, refine=refine)
+
+
+def seeded_noise(model: UNet, seeds):
+  """(initial noise [B, H, W, C], sampler keys [B]): row i depends on seeds[i] alone."""
+  mc = model.config
+  noise = samplers.noise_from_seeds(seeds, (mc.image_size, mc.image_size, mc.in_channels))
+  return noise, samplers.keys_from_seeds(seeds)
+
+
+def generate(model: UNet, params, schedule: Schedule, *, seeds, **options):
+  """One image per seed: image i depends only on seeds[i] (and its labels), not on the rest of the batch."""
+  return sample_unet(model, params, schedule, *seeded_noise(model, seeds), **options)
+
+
+def interpolation_noise(seed_a: int, seed_b: int, num_frames: int, shape) -> jnp.ndarray:
+  """[num_frames, *shape] initial noises along the great circle from seed_a's noise to seed_b's."""
+  ends = samplers.noise_from_seeds(jnp.array([seed_a, seed_b]), shape)
+  return jax.vmap(lambda f: samplers.slerp(ends[0], ends[1], f))(jnp.linspace(0.0, 1.0, num_frames))
 
 
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from jdiff import generate as gen
 from jdiff import samplers
 from jdiff.config import Config, parse_config
-from jdiff.data import model_range_to_uint8
+from jdiff.data import model_range_to_uint8, uint8_to_model_range
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule, make_schedule
 from jdiff.train import checkpoint
@@ -46,38 +46,99 @@ class Pipeline:
     return make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
 
   def generate(self, num: int = 16, *, seed: int = 0, label: int | Sequence[int] | None = None,
-               sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-               eta: float | None = None, batch_size: int = 256,
-               progress: Callable[[int, int], None] | None = None) -> Samples:
-    """Generates `num` images with seeds seed, seed+1, ...; unset options come from the config's sampling.
+               batch_size: int = 256, progress: Callable[[int, int], None] | None = None,
+               **options) -> Samples:
+    """Generates `num` images with seeds seed, seed+1, ...
 
     label: one class for every image, one per image, or None to cycle through the classes.
+    options (unset ones come from the config's sampling section): sampler, steps, spacing, guidance,
+      guidance_rescale, negative_label (a class to steer away from instead of the null class), eta.
     """
-    sc = self.config.sampling
-    sampler, steps = sampler or sc.sampler, steps or sc.num_steps
-    eta = sc.eta if eta is None else eta
-    guidance = self._check_guidance(sc.guidance_scale if guidance is None else guidance)
-    self._check_sampler(sampler, steps)
+    options = self._sampling_options(**options)
     seeds = np.arange(seed, seed + num, dtype=np.int64)
     labels = self._labels(label, num)
     size = min(batch_size, num)
     chunks = []
     for start in range(0, num, size):
       chunk = slice(start, min(start + size, num))
-      chunks.append(self._generate_padded(seeds[chunk], None if labels is None else labels[chunk], size,
-                                          sampler=sampler, num_steps=steps, guidance_scale=guidance, eta=eta))
+      chunks.append(self._generate_padded(seeds[chunk], None if labels is None else labels[chunk], size, options))
       if progress:
         progress(chunk.stop, num)
     return Samples(images=np.concatenate(chunks), labels=labels, seeds=seeds)
 
-  def _generate_padded(self, seeds, labels, size: int, **options):
+  def interpolate(self, num_frames: int = 8, *, seed: int = 0, seed_end: int | None = None,
+                  label: int | None = None, label_end: int | None = None, **options) -> Samples:
+    """Frames along the spherical path from seed's noise to seed_end's (default seed + 1), sampled
+    deterministically (eta 0); a conditional model's class switches from label to label_end halfway."""
+    options = self._sampling_options(**options)
+    if options["sampler"] == "ddpm":
+      raise ValueError("sampler='ddpm' is stochastic; interpolate with a deterministic one, e.g. ddim")
+    seed_end = seed + 1 if seed_end is None else seed_end
+    halves = (num_frames + 1) // 2
+    labels = self._interpolation_labels(label, label_end, halves, num_frames - halves)
+    mc = self.config.model
+    noise = gen.interpolation_noise(seed, seed_end, num_frames, (mc.image_size, mc.image_size, mc.in_channels))
+    keys = jax.random.split(jax.random.key(0), num_frames)  # unused at eta 0
+    return Samples(images=self._sample(noise, keys, labels, dict(options, eta=0.0)), labels=labels,
+                   seeds=np.array([seed] * halves + [seed_end] * (num_frames - halves)))
+
+  def invert(self, images: np.ndarray, *, label: int | Sequence[int] | None = None, steps: int | None = None,
+             spacing: str | None = None, refine: int = 0) -> np.ndarray:
+    """DDIM inversion: the initial noise [N, H, W, C] from which `decode` (DDIM, eta 0, no guidance, same
+    steps and spacing) reproduces uint8 `images`. refine > 0 adds fixed-point iterations per step."""
+    options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing)
+    labels = self._labels(label, len(images))
+    mc = self.config.model
+    expected = (mc.image_size, mc.image_size, mc.in_channels)
+    if np.asarray(images).dtype != np.uint8 or np.shape(images)[1:] != expected:
+      raise ValueError(f"images must be uint8 [N, {', '.join(map(str, expected))}], got "
+                       f"{np.asarray(images).dtype} {np.shape(images)}")
+    return np.asarray(gen.invert_unet(self.params, self.schedule, uint8_to_model_range(np.asarray(images)), labels,
+                                      model=self.model, prediction=self.config.diffusion.prediction,
+                                      num_steps=options["num_steps"], spacing=options["spacing"], refine=refine))
+
+  def decode(self, noise: np.ndarray, *, label: int | Sequence[int] | None = None, steps: int | None = None,
+             spacing: str | None = None) -> np.ndarray:
+    """uint8 images sampled deterministically (DDIM, eta 0, no guidance) from given initial noise."""
+    options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing, guidance=1.0, eta=0.0)
+    keys = jax.random.split(jax.random.key(0), len(noise))  # unused at eta 0
+    return self._sample(np.asarray(noise, np.float32), keys, self._labels(label, len(noise)), options)
+
+  def _interpolation_labels(self, label, label_end, first: int, second: int) -> np.ndarray | None:
+    if not self.config.model.num_classes:
+      return self._labels(label if label_end is None else label_end, 0)  # raises if a label was given
+    label = 0 if label is None else label
+    return np.concatenate([self._labels(label, first), self._labels(label if label_end is None else label_end,
+                                                                     second)])
+
+  def _sampling_options(self, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
+                        guidance: float | None = None, guidance_rescale: float = 0.0,
+                        negative_label: int | None = None, eta: float | None = None) -> dict:
+    """The sampler's keyword arguments, defaults filled in from the config and every value checked."""
+    sc = self.config.sampling
+    sampler, steps, spacing = sampler or sc.sampler, steps or sc.num_steps, spacing or sc.spacing
+    self._check_sampler(sampler, steps, spacing)
+    if not 0.0 <= guidance_rescale <= 1.0:
+      raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1]")
+    negative = None if negative_label is None else int(self._labels(negative_label, 1)[0])
+    return dict(sampler=sampler, num_steps=steps, spacing=spacing, guidance_rescale=guidance_rescale,
+                guidance_scale=self._check_guidance(sc.guidance_scale if guidance is None else guidance),
+                negative_label=negative, eta=sc.eta if eta is None else eta)
+
+  def _generate_padded(self, seeds, labels, size: int, options: dict) -> np.ndarray:
     """Pads a short last chunk to `size`, so every chunk reuses one compiled program."""
     n = len(seeds)
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)])
-    images = gen.generate(self.model, self.params, self.schedule, seeds=pad(seeds),
-                          labels=None if labels is None else pad(labels),
-                          prediction=self.config.diffusion.prediction, **options)
-    return model_range_to_uint8(images)[:n]
+    noise, keys = gen.seeded_noise(self.model, pad(seeds))
+    return self._sample(noise, keys, None if labels is None else pad(labels), options)[:n]
+
+  def _sample(self, noise, keys, labels, options: dict) -> np.ndarray:
+    options = dict(options)
+    negative = options.pop("negative_label")
+    negatives = None if negative is None else np.full(len(noise), negative, np.int32)
+    images = gen.sample_unet(self.model, self.params, self.schedule, noise, keys, labels=labels,
+                             negative_labels=negatives, prediction=self.config.diffusion.prediction, **options)
+    return model_range_to_uint8(images)
 
   def _labels(self, label, num: int) -> np.ndarray | None:
     num_classes = self.config.model.num_classes
@@ -99,9 +160,11 @@ class Pipeline:
                        "use guidance=1")
     return float(guidance) if self.config.model.num_classes else 1.0
 
-  def _check_sampler(self, sampler: str, steps: int) -> None:
+  def _check_sampler(self, sampler: str, steps: int, spacing: str) -> None:
     if sampler not in samplers.SAMPLERS:
       raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
+    if spacing not in samplers.SPACINGS:
+      raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(samplers.SPACINGS)}")
     if not 1 <= steps <= self.config.diffusion.num_timesteps:
       raise ValueError(f"steps={steps} must be between 1 and the model's "
                        f"{self.config.diffusion.num_timesteps} diffusion timesteps")

@@ -100,3 +100,46 @@ def test_generate_is_deterministic_per_seed_and_independent_of_batching(workdir)
   assert whole.labels.tolist() == [0, 1, 2, 3, 4]
   other = pipe.generate(5, seed=11, steps=3, sampler="euler_ancestral")
   assert not np.array_equal(whole.images, other.images)
+
+
+def test_sample_cli_writes_an_interpolation_strip(workdir, tmp_path):
+  out = tmp_path / "strip.npz"
+  result = run("sample.py", "--workdir", str(workdir), "--interpolate", "6", "--seed", "4", "--label", "3",
+               "--label_end", "8", "--steps", "4", "--spacing", "karras", "--sampler", "heun", "--out", str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  strip = np.load(out)
+  assert strip["images"].shape == (6, 8, 8, 1) and strip["labels"].tolist() == [3, 3, 3, 8, 8, 8]
+  # The first frame is the plain sample of its seed and label (up to float rounding of the slerp weights).
+  pipe = jdiff.load(str(workdir))
+  first = pipe.generate(1, seed=4, label=3, steps=4, spacing="karras", sampler="heun")
+  np.testing.assert_allclose(strip["images"][:1].astype(int), first.images.astype(int), atol=2)
+
+
+def test_interpolation_frames_change_smoothly(workdir):
+  pipe = jdiff.load(str(workdir))
+  frames = pipe.interpolate(9, seed=0, seed_end=1, label=2, steps=4).images.astype(np.float64)
+  steps = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
+  ends = np.abs(frames[-1] - frames[0]).mean()
+  assert ends > 0 and steps.max() < ends  # each frame moves less than the whole path
+
+
+def test_ddim_inversion_round_trip_on_the_trained_model(workdir):
+  pipe = jdiff.load(str(workdir))
+  images = pipe.generate(4, seed=5, label=1, steps=20, sampler="ddim", guidance=1.0, spacing="linspace").images
+  noise = pipe.invert(images, label=1, steps=50, spacing="linspace", refine=2)
+  back = pipe.decode(noise, label=1, steps=50, spacing="linspace")
+  error = np.abs(back.astype(np.float64) - images).mean() / 255
+  assert noise.shape == (4, 8, 8, 1)
+  assert error < 0.02, error
+
+
+def test_negative_label_and_guidance_rescale_change_the_samples(workdir):
+  pipe = jdiff.load(str(workdir))
+  plain = pipe.generate(4, seed=0, label=3, steps=4, guidance=3.0).images
+  negative = pipe.generate(4, seed=0, label=3, steps=4, guidance=3.0, negative_label=8).images
+  rescaled = pipe.generate(4, seed=0, label=3, steps=4, guidance=3.0, guidance_rescale=0.7).images
+  assert not np.array_equal(plain, negative) and not np.array_equal(plain, rescaled)
+  with pytest.raises(ValueError, match="guidance_rescale=1.5 must be in"):
+    pipe.generate(2, guidance_rescale=1.5)
+  with pytest.raises(ValueError, match="unknown spacing 'cosine'"):
+    pipe.generate(2, spacing="cosine")

@@ -105,7 +105,7 @@ def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str,
   labels = seeds % num_classes if num_classes else None
   images = generate.generate(make_model(config), state.ema_params, schedule, seeds=seeds, labels=labels,
                              prediction=config.diffusion.prediction, sampler=sc.sampler, num_steps=sc.num_steps,
-                             guidance_scale=sc.guidance_scale if num_classes else 1.0, eta=sc.eta)
+                             spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
   columns = num_classes if num_classes and sc.num_samples % num_classes == 0 else None
   grid = generate.make_grid(data.model_range_to_uint8(images), columns=columns)
   writer.write_images(step, {"samples": grid[None]})
