@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Sequence
 
@@ -37,11 +38,11 @@ class Pipeline:
   params: dict
   step: int
 
-  @property
+  @functools.cached_property
   def model(self) -> UNet:
     return make_model(self.config)
 
-  @property
+  @functools.cached_property
   def schedule(self) -> Schedule:
     return make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
 
@@ -116,7 +117,8 @@ class Pipeline:
                         negative_label: int | None = None, eta: float | None = None) -> dict:
     """The sampler's keyword arguments, defaults filled in from the config and every value checked."""
     sc = self.config.sampling
-    sampler, steps, spacing = sampler or sc.sampler, steps or sc.num_steps, spacing or sc.spacing
+    sampler, spacing = sampler or sc.sampler, spacing or sc.spacing
+    steps = sc.num_steps if steps is None else steps
     self._check_sampler(sampler, steps, spacing)
     if not 0.0 <= guidance_rescale <= 1.0:
       raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1]")

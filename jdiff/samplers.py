@@ -100,7 +100,8 @@ def _toward(x0, x, ratio):
 def _ancestral_sigmas(sigma, sigma_next, eta):
   """(sigma_down, sigma_up): DDIM's eta-scaled posterior noise sigma_up, and the level to move to before adding it."""
   sigma_up = jnp.minimum(sigma_next, eta * sigma_next * jnp.sqrt(1.0 - (sigma_next / sigma) ** 2))
-  return jnp.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+  # Clamped: where sigma_up == sigma_next, a fused multiply-add can leave a tiny negative under the root.
+  return jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0)), sigma_up
 
 
 def _slope(m, m_prev, s: Level):

@@ -306,3 +306,14 @@ def test_sample_under_user_jit_with_traced_eta_bf16_model_and_image_shapes():
   assert rms(stochastic, deterministic) > 0.1
   clipped = samplers.sample(model, SCHEDULE, 3.0 * noise, sampler="ddim", num_steps=10)
   assert float(jnp.max(jnp.abs(clipped))) <= 1.0
+
+
+def test_ancestral_first_step_from_pure_noise_stays_finite():
+  """Cosine's first trailing level (sigma ~2e4) makes sigma_up == sigma_next: the root must not go NaN."""
+  sched = schedules.make_schedule("cosine", 1000)
+  noise = samplers.noise_from_seeds(jnp.arange(4), (4, 4, 1))
+  zeros = lambda x, t, c: jnp.zeros_like(x)
+  for sampler in ("ddpm", "euler_ancestral", "dpmpp_2m_sde"):
+    out = samplers.sample(zeros, sched, noise, sampler=sampler, num_steps=5, parameterisation="eps",
+                          rng=samplers.keys_from_seeds(jnp.arange(4)), spacing="trailing")
+    assert bool(jnp.all(jnp.isfinite(out))), sampler
