@@ -23,6 +23,7 @@ def main():
   parser.add_argument("--samplers", default="ddim")
   parser.add_argument("--steps", default="20")
   parser.add_argument("--guidance", default="3")
+  parser.add_argument("--spacing", default=None, help="timestep spacing or karras (default: the config's)")
   parser.add_argument("--num", type=int, default=500, help="samples per row, cycling through the classes")
   parser.add_argument("--seed", type=int, default=1000, help="first seed (the training-time grids use 0..)")
   args = parser.parse_args()
@@ -39,7 +40,7 @@ def main():
     for steps in map(int, args.steps.split(",")):
       for guidance in map(float, args.guidance.split(",")):
         acc, seconds = evaluation.sample_accuracy(pipe, classifier, num=args.num, seed=args.seed, sampler=sampler,
-                                                  steps=steps, guidance=guidance)
+                                                  steps=steps, guidance=guidance, spacing=args.spacing)
         print(f"| {sampler} | {steps} | {guidance:g} | {acc:.3f} | {seconds:.2f} |", flush=True)
 
 
