@@ -79,8 +79,7 @@ class Pipeline:
     labels = self._interpolation_labels(label, label_end, halves, num_frames - halves)
     mc = self.config.model
     noise = gen.interpolation_noise(seed, seed_end, num_frames, (mc.image_size, mc.image_size, mc.in_channels))
-    keys = jax.random.split(jax.random.key(0), num_frames)  # unused at eta 0
-    return Samples(images=self._sample(noise, keys, labels, dict(options, eta=0.0)), labels=labels,
+    return Samples(images=self._sample(noise, None, labels, dict(options, eta=0.0)), labels=labels,
                    seeds=np.array([seed] * halves + [seed_end] * (num_frames - halves)))
 
   def invert(self, images: np.ndarray, *, label: int | Sequence[int] | None = None, steps: int | None = None,
@@ -102,8 +101,7 @@ class Pipeline:
              spacing: str | None = None) -> np.ndarray:
     """uint8 images sampled deterministically (DDIM, eta 0, no guidance) from given initial noise."""
     options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing, guidance=1.0, eta=0.0)
-    keys = jax.random.split(jax.random.key(0), len(noise))  # unused at eta 0
-    return self._sample(np.asarray(noise, np.float32), keys, self._labels(label, len(noise)), options)
+    return self._sample(np.asarray(noise, np.float32), None, self._labels(label, len(noise)), options)
 
   def _interpolation_labels(self, label, label_end, first: int, second: int) -> np.ndarray | None:
     if not self.config.model.num_classes:
@@ -135,6 +133,9 @@ class Pipeline:
     return self._sample(noise, keys, None if labels is None else pad(labels), options)[:n]
 
   def _sample(self, noise, keys, labels, options: dict) -> np.ndarray:
+    """uint8 images from initial noise; keys=None for deterministic sampling (eta 0), which draws nothing."""
+    if keys is None:
+      keys = jax.random.split(jax.random.key(0), len(noise))
     options = dict(options)
     negative = options.pop("negative_label")
     negatives = None if negative is None else np.full(len(noise), negative, np.int32)
