@@ -5,7 +5,6 @@
   python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
 """
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -13,6 +12,7 @@ from absl import app, flags, logging
 import jdiff
 from jdiff import generate, runtime
 from jdiff.config import ConfigError
+from jdiff.train.checkpoint import CheckpointError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work dir that train.py wrote.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output file: .png for a grid, .npz for raw arrays "
@@ -60,6 +60,8 @@ def main(argv):
   try:
     if _NUM.value < 1 or (_INTERPOLATE.value is not None and _INTERPOLATE.value < 2):
       raise ValueError(f"--num={_NUM.value} must be at least 1 and --interpolate={_INTERPOLATE.value} at least 2")
+    if _BATCH.value < 1:
+      raise ValueError(f"--batch_size={_BATCH.value} must be at least 1")
     out = output_path()
     pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
     options = dict(sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value, guidance=_GUIDANCE.value,
@@ -71,9 +73,8 @@ def main(argv):
       report = lambda done, total: logging.info("generated %d/%d images", done, total)
       samples = pipe.generate(_NUM.value, seed=_SEED.value, label=_LABEL.value, batch_size=_BATCH.value,
                               progress=report, **options)
-  except (ValueError, FileNotFoundError, ConfigError) as e:
-    print(f"sample.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (ValueError, FileNotFoundError, ConfigError, CheckpointError) as e:
+    runtime.fail("sample.py", e)
   num_classes = pipe.config.model.num_classes
   columns = num_classes if num_classes and _LABEL.value is None and _NUM.value % num_classes == 0 else None
   if _INTERPOLATE.value:
@@ -83,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

@@ -1,10 +1,10 @@
 """Trains a diffusion model: python train.py --config configs/default.py --workdir runs/default
 
 Any config field can be overridden, e.g. --config.training.batch_size=32. Rerunning with the same
---workdir resumes from its latest checkpoint.
+--workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C saves a checkpoint and exits 0
+(docs/reliability.md).
 """
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -12,6 +12,8 @@ from ml_collections import config_flags
 from jdiff import runtime
 from jdiff.config import ConfigError
 from jdiff.data import DatasetUnavailableError
+from jdiff.train.checkpoint import CheckpointError
+from jdiff.train.faults import NonFiniteError
 from jdiff.train.loop import train_and_evaluate
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
@@ -25,11 +27,13 @@ def main(argv):
   runtime.start_cli(argv)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DatasetUnavailableError) as e:
+  except (ConfigError, DatasetUnavailableError, CheckpointError) as e:
     logging.flush()
-    print(f"train.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    runtime.fail("train.py", e)
+  except NonFiniteError as e:
+    logging.flush()
+    runtime.fail("train.py", e, status=1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
   """A configuration field has an unknown name or a value that is not allowed."""
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
   schedule: str = "linear"
@@ -49,6 +52,7 @@ class TrainingConfig:
   checkpoint_every: int = 5000
   keep_checkpoints: int = 3
   sample_every: int = 10_000  # 0 = only at the end
+  nonfinite: str = "stop"  # a step with a non-finite loss or gradient: "stop" training, or "skip" it and count it
 
   def __post_init__(self):
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -59,6 +63,7 @@ class TrainingConfig:
     _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
     _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
     _check(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "in [0, 1)")
+    _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +109,15 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     if not isinstance(values, Mapping):
       raise ConfigError(f"config.{name} must be a section of fields, got {values!r}")
     _reject_unknown(f"{name}.", values, [f.name for f in dataclasses.fields(cls)])
+    _reject_wrong_types(name, cls, values)
     try:
       sections[name] = cls(**values)
     except (ValueError, TypeError) as e:
       raise ConfigError(f"config.{name}: {e}") from None
-  config = Config(seed=int(raw.get("seed", 0)), **sections)
+  seed = raw.get("seed", 0)
+  if not _has_type(seed, "int") or seed < 0:
+    raise ConfigError(f"config.seed={seed!r} is not allowed: must be an integer >= 0")
+  config = Config(seed=seed, **sections)
   _check_consistency(config)
   return config
 
@@ -132,6 +141,38 @@ def _reject_unknown(prefix: str, values: Mapping[str, Any], allowed: list[str]) 
       hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
       raise ConfigError(f"unknown config field config.{prefix}{key}{hint}; "
                         f"fields of config.{prefix.rstrip('.') or '<top>'}: {', '.join(allowed)}")
+
+
+def _reject_wrong_types(section: str, cls, values: Mapping[str, Any]) -> None:
+  """Checks values against the field annotations (int, float, bool, str, None, tuple[X, ...] and unions of them),
+  so a wrong type gets a message naming the field rather than an error from deep inside a check."""
+  for field in dataclasses.fields(cls):
+    if field.name in values and not _has_type(values[field.name], str(field.type)):
+      raise ConfigError(f"config.{section}.{field.name}={values[field.name]!r} has the wrong type: "
+                        f"must be {field.type}")
+
+
+_SCALAR_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def _has_type(value, annotation: str) -> bool:
+  """Whether `value` fits `annotation`; an annotation of another form is not judged (True)."""
+  judged = False
+  for option in (part.strip() for part in annotation.split("|")):
+    if option == "None":
+      judged = True
+      if value is None:
+        return True
+    elif option in _SCALAR_TYPES:
+      judged = True
+      is_bool = isinstance(value, bool)
+      if isinstance(value, _SCALAR_TYPES[option]) and (option == "bool" or not is_bool):
+        return True
+    elif option.startswith("tuple[") and option.endswith(", ...]"):
+      judged = True
+      if isinstance(value, (tuple, list)) and all(_has_type(v, option[6:-6]) for v in value):
+        return True
+  return not judged
 
 
 def _to_dict(raw) -> dict:

@@ -56,6 +56,9 @@ class Pipeline:
       guidance_rescale, negative_label (a class to steer away from instead of the null class), eta.
     """
     options = self._sampling_options(**options)
+    if num < 1 or batch_size < 1:
+      raise ValueError(f"num={num} and batch_size={batch_size} must be at least 1")
+    _check_seeds(seed, seed + num - 1)
     seeds = np.arange(seed, seed + num, dtype=np.int64)
     labels = self._labels(label, num)
     size = min(batch_size, num)
@@ -75,6 +78,9 @@ class Pipeline:
     if options["sampler"] == "ddpm":
       raise ValueError("sampler='ddpm' is stochastic; interpolate with a deterministic one, e.g. ddim")
     seed_end = seed + 1 if seed_end is None else seed_end
+    if num_frames < 2:
+      raise ValueError(f"num_frames={num_frames} must be at least 2")
+    _check_seeds(seed, seed_end)
     halves = (num_frames + 1) // 2
     labels = self._interpolation_labels(label, label_end, halves, num_frames - halves)
     mc = self.config.model
@@ -87,12 +93,12 @@ class Pipeline:
     """DDIM inversion: the initial noise [N, H, W, C] from which `decode` (DDIM, eta 0, no guidance, same
     steps and spacing) reproduces uint8 `images`. refine > 0 adds fixed-point iterations per step."""
     options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing)
-    labels = self._labels(label, len(images))
     mc = self.config.model
     expected = (mc.image_size, mc.image_size, mc.in_channels)
-    if np.asarray(images).dtype != np.uint8 or np.shape(images)[1:] != expected:
+    if np.asarray(images).dtype != np.uint8 or np.ndim(images) != 4 or np.shape(images)[1:] != expected:
       raise ValueError(f"images must be uint8 [N, {', '.join(map(str, expected))}], got "
                        f"{np.asarray(images).dtype} {np.shape(images)}")
+    labels = self._labels(label, len(images))
     return np.asarray(gen.invert_unet(self.params, self.schedule, uint8_to_model_range(np.asarray(images)), labels,
                                       model=self.model, prediction=self.config.diffusion.prediction,
                                       num_steps=options["num_steps"], spacing=options["spacing"], refine=refine))
@@ -101,7 +107,14 @@ class Pipeline:
              spacing: str | None = None) -> np.ndarray:
     """uint8 images sampled deterministically (DDIM, eta 0, no guidance) from given initial noise."""
     options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing, guidance=1.0, eta=0.0)
-    return self._sample(np.asarray(noise, np.float32), None, self._labels(label, len(noise)), options)
+    mc = self.config.model
+    expected = (mc.image_size, mc.image_size, mc.in_channels)
+    noise = np.asarray(noise)
+    if noise.ndim != 4 or noise.shape[1:] != expected or not np.issubdtype(noise.dtype, np.floating):
+      raise ValueError(f"noise must be float [N, {', '.join(map(str, expected))}], got {noise.dtype} {noise.shape}")
+    if not np.all(np.isfinite(noise)):
+      raise ValueError("noise holds NaN or infinite values")
+    return self._sample(noise.astype(np.float32), None, self._labels(label, len(noise)), options)
 
   def _interpolation_labels(self, label, label_end, first: int, second: int) -> np.ndarray | None:
     if not self.config.model.num_classes:
@@ -173,8 +186,19 @@ class Pipeline:
                        f"{self.config.diffusion.num_timesteps} diffusion timesteps")
 
 
+def _check_seeds(first: int, last: int) -> None:
+  """Seeds become uint32 PRNG keys: outside [0, 2**32) two seeds would silently give the same image."""
+  for seed in (first, last):
+    if not 0 <= seed < 2**32:
+      raise ValueError(f"seed {seed} is outside [0, 2**32): use seeds from 0 to {2**32 - 1}")
+
+
 def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
-  """Restores a trained model from a work dir (its latest checkpoint, or `step`), EMA params by default."""
+  """Restores a trained model from a work dir (its latest checkpoint, or `step`), EMA params by default.
+
+  Without `step`, an unreadable latest checkpoint is reported (a warning naming its path) and the one before it
+  is used; a given `step` that is unreadable raises UnreadableCheckpointError.
+  """
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"no checkpoints in work dir {workdir!r} (looked for {ckpt_dir}): train one with "
@@ -183,13 +207,18 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
   steps = manager.all_steps()
   if not steps:
     raise FileNotFoundError(f"work dir {workdir!r} has no finished checkpoint in {ckpt_dir}")
-  step = max(steps) if step is None else step
-  if step not in steps:
+  if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}; available steps: "
                             f"{', '.join(map(str, sorted(steps)))}")
-  config = parse_config(checkpoint.restore_config(manager, step))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                    abstract_train_state(config))
-  state = checkpoint.restore_state(manager, step, abstract)
-  return Pipeline(config=config, params=state.ema_params if ema else state.params, step=step)
+
+  def restore(s: int) -> Pipeline:
+    config = parse_config(checkpoint.restore_config_checked(manager, s))
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                      abstract_train_state(config))
+    state = checkpoint.restore_checked(manager, s, abstract)
+    return Pipeline(config=config, params=state.ema_params if ema else state.params, step=s)
+
+  if step is not None:
+    return restore(step)
+  return checkpoint.restore_latest(manager, restore)[1]

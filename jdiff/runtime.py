@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 
 import jax
-from absl import app
+from absl import app, flags
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jdiff", "xla")
 
@@ -35,3 +37,33 @@ def start_cli(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   enable_compilation_cache()
   quiet_library_logs()
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's flag parsing for app.run(main, flags_parser=parse_flags), except that a bad flag or config override
+  (a wrong type, an unknown field) is one line on stderr and exit status 2, never a traceback."""
+  try:
+    return flag_values(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    fail(os.path.basename(argv[0]), flag_error_message(argv, e))
+
+
+def flag_error_message(argv: list[str], error: Exception) -> str:
+  """ml_collections reports an unknown override as a bare KeyError/AttributeError of the key: name the flag."""
+  text = " ".join(str(error).replace("\\n", " ").replace("\\", "").split())
+  if isinstance(error, (KeyError, AttributeError)):
+    match = re.search(r"'(\w+)'", text)
+    key = match.group(1) if match else text
+    hint = text[text.index("Did you mean"):].rstrip("'") if "Did you mean" in text else ""
+    for arg in argv[1:]:
+      override = re.match(r"--(config(\.\w+)*)=", arg)
+      if override and key in override.group(1).split(".")[1:]:
+        return f"unknown config field {override.group(1)} in {arg} {hint}".strip()
+    return f"unknown config field {key!r} {hint}".strip()
+  return text
+
+
+def fail(program: str, message: str, status: int = 2):
+  """Ends the process with one line `program: error: message` on stderr."""
+  print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(status)

@@ -1,12 +1,36 @@
-"""Orbax checkpoints: the TrainState beside the config (as JSON), so a checkpoint describes itself."""
+"""Orbax checkpoints: the TrainState beside the config (as JSON), so a checkpoint describes itself.
+
+Saving is atomic: orbax writes step N into `N.orbax-checkpoint-tmp-*` and renames it to `N` when complete, so a
+crash mid-save leaves no directory that looks finished (the training manager removes such leftovers). Restoring
+checks the stored shapes and dtypes against the expected state first (orbax itself would cast dtypes silently),
+and `restore_latest` falls back from an unreadable (corrupt, truncated) checkpoint to the one before it.
+"""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
+from jdiff.config import ConfigError
 from jdiff.train.state import TrainState
+
+T = TypeVar("T")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used; the message names its path."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+  """A checkpoint's files are missing, truncated or corrupt."""
+
+
+class IncompatibleCheckpointError(ConfigError):
+  """A readable checkpoint of another model: other parameter names, shapes or dtypes."""
 
 ITEMS = ("state", "config")
 
@@ -16,7 +40,8 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  """A writing manager (create=True) also deletes the temporary directories of saves that never finished."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, cleanup_tmp_directories=create)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
@@ -40,3 +65,99 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Tra
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def step_path(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
+  """restore_state that refuses a state of other structure, shapes or dtypes (IncompatibleCheckpointError naming
+  them) and reports unreadable files as UnreadableCheckpointError naming the step's path."""
+  path = step_path(manager, step)
+  try:
+    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "state")
+  except Exception as e:  # Orbax raises many types (JSON, file, tensorstore errors) for damaged files.
+    raise unreadable(path, e) from e
+  mismatches = state_mismatches(getattr(stored, "tree", stored), abstract_state)
+  if mismatches:
+    raise IncompatibleCheckpointError(
+        f"checkpoint {path} holds a state of another model ({len(mismatches)} mismatching arrays); use another "
+        "--workdir or the checkpoint's settings. First mismatches:\n  " + "\n  ".join(mismatches[:8]))
+  try:
+    return restore_state(manager, step, abstract_state)
+  except Exception as e:
+    raise unreadable(path, e) from e
+
+
+def restore_config_checked(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  try:
+    return restore_config(manager, step)
+  except Exception as e:
+    raise unreadable(step_path(manager, step), e) from e
+
+
+def unreadable(path: str, error: Exception) -> UnreadableCheckpointError:
+  reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return UnreadableCheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason[:200]})")
+
+
+def state_mismatches(stored_tree, abstract_state) -> list[str]:
+  """One line per array whose path, shape or dtype differs between a checkpoint's metadata and the state."""
+  stored, wanted = _array_specs(stored_tree), _array_specs(abstract_state)
+  lines = []
+  for name in sorted(set(stored) | set(wanted)):
+    if name not in wanted:
+      lines.append(f"{name}: in the checkpoint {stored[name]}, not in the model")
+    elif name not in stored:
+      lines.append(f"{name}: in the model {wanted[name]}, not in the checkpoint")
+    elif stored[name] != wanted[name]:
+      lines.append(f"{name}: checkpoint has {stored[name]}, model has {wanted[name]}")
+  return lines
+
+
+def _array_specs(tree) -> dict[str, str]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_name(k) for k in path): f"{getattr(leaf, 'dtype', '?')}{list(getattr(leaf, 'shape', ()))}"
+          for path, leaf in leaves}
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def restore_latest(manager: ocp.CheckpointManager, restore: Callable[[int], T],
+                   before: int | None = None) -> tuple[int | None, T | None, list[int]]:
+  """(step, restore(step), unreadable steps) for the newest step (below `before`, if given) that restores.
+
+  An unreadable step is logged with its path and skipped for the one before; (None, None, []) when there is no
+  checkpoint. Raises UnreadableCheckpointError if there are checkpoints but none is readable.
+  """
+  steps = sorted((s for s in manager.all_steps() if before is None or s < before), reverse=True)
+  bad, errors = [], []
+  for step in steps:
+    try:
+      return step, restore(step), bad
+    except UnreadableCheckpointError as e:
+      logging.warning("%s; trying the checkpoint before it", e)
+      bad.append(step)
+      errors.append(str(e))
+  if bad:
+    raise UnreadableCheckpointError("no readable checkpoint: " + "; ".join(errors) + ". Move them out of the way "
+                                    "to start afresh, or restore them from a copy")
+  return None, None, []
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Renames an unreadable step out of the manager's sight (never deletes it) so the step can be saved again."""
+  path = step_path(manager, step)
+  target, n = f"{path}.unreadable", 1
+  while os.path.exists(target):
+    target, n = f"{path}.unreadable-{n}", n + 1
+  os.rename(path, target)
+  manager.reload()
+  logging.warning("moved unreadable checkpoint %s to %s", path, target)
+  return target

@@ -1,7 +1,8 @@
 """The training loop: data -> jitted data-parallel train_step -> metrics, checkpoints, sample grids.
 
 `train_and_evaluate(config, workdir)` is what train.py runs and what a notebook can call. It resumes
-from the latest checkpoint in workdir by itself.
+from the latest readable checkpoint in workdir by itself, and stops cleanly on SIGTERM/SIGINT and on non-finite
+steps (jdiff/train/faults.py; docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from clu import metric_writers, periodic_actions
 from jdiff import data, generate
 from jdiff.config import Config, ConfigError, parse_config
 from jdiff.schedules import make_schedule
-from jdiff.train import checkpoint, sharding
+from jdiff.train import checkpoint, faults, sharding
 from jdiff.train.state import TrainState, abstract_train_state, create_train_state, make_model, param_count
 from jdiff.train.step import train_step
 
@@ -32,11 +33,12 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   # Open the data before writing anything, so an unavailable dataset leaves the work dir untouched.
   start = checkpoint.latest_step(workdir) or 0
-  iterator = data.make_train_iterator(config.data, config.training.batch_size, config.seed,
-                                      process_index=jax.process_index(), process_count=jax.process_count(),
-                                      start_step=start)
+  iterator = _open_data(config, start)
   manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints)
   state = _restore_or_init(config, raw, manager, mesh, start)
+  if int(state.step) != start:  # The latest checkpoint was unreadable: resume from the one that restored.
+    start = int(state.step)
+    iterator = _open_data(config, start)
   logging.info("U-Net with %d parameters; training steps %d..%d on %d device(s)",
                param_count(state.params), start, config.training.num_steps, mesh.size)
   repl = sharding.replicated(mesh)
@@ -50,7 +52,8 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   progress = periodic_actions.ReportProgress(num_train_steps=config.training.num_steps, writer=writer)
   history = []
   tc = config.training
-  with metric_writers.ensure_flushes(writer):
+  saved = start or None
+  with metric_writers.ensure_flushes(writer), faults.StopRequest() as stop:
     for step in range(start, tc.num_steps):
       batch = sharding.global_batch(next(iterator), mesh)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -58,15 +61,33 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
       history.append(metrics)
       done = step + 1
       progress(done)
+      stopping = stop.requested  # Read once: a signal may arrive at any moment.
+      save_now = done % tc.checkpoint_every == 0 or done == tc.num_steps or stopping
+      if done % tc.log_every == 0 or done == tc.num_steps or save_now:
+        faults.check_finite(history, done, tc.nonfinite, saved)  # Before a NaN step's state could be saved.
       if done % tc.log_every == 0 or done == tc.num_steps:
         writer.write_scalars(done, _mean_metrics(history))
         history = []
-      if done % tc.checkpoint_every == 0 or done == tc.num_steps:
+      if save_now:
         checkpoint.save(manager, done, state, raw)
+        saved = done
+      if stopping:
+        logging.warning("stopped by %s after step %d with a checkpoint in %s; rerun the same command to resume",
+                        stopping, done, manager.directory)
+        break
       if (tc.sample_every and done % tc.sample_every == 0) or done == tc.num_steps:
         write_sample_grid(config, state, schedule, workdir, done, writer)
   manager.wait_until_finished()
   return state
+
+
+def _open_data(config: Config, start: int):
+  try:
+    return data.make_train_iterator(config.data, config.training.batch_size, config.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    start_step=start)
+  except ValueError as e:  # By its contract: a bad split, batch size or process layout.
+    raise ConfigError(f"config.data: {e}") from None
 
 
 def _restore_or_init(config: Config, raw: dict, manager, mesh, step: int) -> TrainState:
@@ -74,11 +95,18 @@ def _restore_or_init(config: Config, raw: dict, manager, mesh, step: int) -> Tra
   if not step:
     init = jax.jit(functools.partial(create_train_state, config), out_shardings=repl)
     return init(jax.random.key(config.seed))
-  check_resumable(checkpoint.restore_config(manager, step), raw)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
                                     abstract_train_state(config))
+
+  def restore(s: int) -> TrainState:
+    check_resumable(checkpoint.restore_config_checked(manager, s), raw)
+    return checkpoint.restore_checked(manager, s, abstract)
+
+  step, state, unreadable = checkpoint.restore_latest(manager, restore, before=step + 1)
+  for bad in unreadable:
+    checkpoint.set_aside(manager, bad)
   logging.info("Resuming from checkpoint at step %d in %s", step, manager.directory)
-  return checkpoint.restore_state(manager, step, abstract)
+  return state
 
 
 def check_resumable(saved: dict, current: dict) -> None:
@@ -114,8 +142,13 @@ def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str,
 
 
 def _mean_metrics(history: list[dict]) -> dict:
+  """Means over the steps that were applied; nonfinite_steps is the count of skipped ones."""
   stacked = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  applied = [m for m in stacked if not m.get("nonfinite_steps")] or stacked
+  means = {k: float(np.mean([m[k] for m in applied])) for k in stacked[0]}
+  if "nonfinite_steps" in means:
+    means["nonfinite_steps"] = float(sum(m["nonfinite_steps"] for m in stacked))
+  return means
 
 
 def _flatten(raw: dict, prefix: str = "") -> dict:

@@ -45,6 +45,18 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, schedule: Schedul
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(state.step, config.training)
   ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": learning_rate_schedule(config.training)(state.step)}
-  return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate_schedule(config.training)(state.step),
+             "nonfinite_steps": 1 - finite.astype(jnp.int32)}
+  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+  return keep_if_finite(finite, new_state, state), metrics
+
+
+def keep_if_finite(finite: jax.Array, new_state: TrainState, state: TrainState) -> TrainState:
+  """The new state, or (for a step whose loss or gradient is not finite) the old one with the step counted, so
+  a NaN never reaches the params or a checkpoint; the loop decides whether to stop or go on (training.nonfinite)."""
+  keep = lambda new, old: jnp.where(finite, new, old)
+  return new_state.replace(params=jax.tree_util.tree_map(keep, new_state.params, state.params),
+                           ema_params=jax.tree_util.tree_map(keep, new_state.ema_params, state.ema_params),
+                           opt_state=jax.tree_util.tree_map(keep, new_state.opt_state, state.opt_state))
