@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any, Mapping
 
 from jdiff import diffusion, samplers, schedules
@@ -145,7 +146,8 @@ def _reject_unknown(prefix: str, values: Mapping[str, Any], allowed: list[str]) 
 
 def _reject_wrong_types(section: str, cls, values: Mapping[str, Any]) -> None:
   """Checks values against the field annotations (int, float, bool, str, None, tuple[X, ...] and unions of them),
-  so a wrong type gets a message naming the field rather than an error from deep inside a check."""
+  so a wrong type gets a message naming the field rather than an error from deep inside a check. A float must
+  be finite: no field means anything by nan or inf."""
   for field in dataclasses.fields(cls):
     if field.name in values and not _has_type(values[field.name], str(field.type)):
       raise ConfigError(f"config.{section}.{field.name}={values[field.name]!r} has the wrong type: "
@@ -166,7 +168,8 @@ def _has_type(value, annotation: str) -> bool:
     elif option in _SCALAR_TYPES:
       judged = True
       is_bool = isinstance(value, bool)
-      if isinstance(value, _SCALAR_TYPES[option]) and (option == "bool" or not is_bool):
+      finite = not (option == "float" and isinstance(value, float) and not math.isfinite(value))
+      if isinstance(value, _SCALAR_TYPES[option]) and (option == "bool" or not is_bool) and finite:
         return True
     elif option.startswith("tuple[") and option.endswith(", ...]"):
       judged = True

@@ -134,9 +134,12 @@ class Pipeline:
     if not 0.0 <= guidance_rescale <= 1.0:
       raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1]")
     negative = None if negative_label is None else int(self._labels(negative_label, 1)[0])
+    eta = sc.eta if eta is None else eta
+    if not (np.isfinite(eta) and eta >= 0):
+      raise ValueError(f"eta={eta} must be a finite number >= 0 (0 = deterministic)")
     return dict(sampler=sampler, num_steps=steps, spacing=spacing, guidance_rescale=guidance_rescale,
                 guidance_scale=self._check_guidance(sc.guidance_scale if guidance is None else guidance),
-                negative_label=negative, eta=sc.eta if eta is None else eta)
+                negative_label=negative, eta=eta)
 
   def _generate_padded(self, seeds, labels, size: int, options: dict) -> np.ndarray:
     """Pads a short last chunk to `size`, so every chunk reuses one compiled program."""
@@ -169,8 +172,8 @@ class Pipeline:
     return labels.astype(np.int32)
 
   def _check_guidance(self, guidance: float) -> float:
-    if guidance < 0:
-      raise ValueError(f"guidance={guidance} must be >= 0 (1 = no guidance)")
+    if not (np.isfinite(guidance) and guidance >= 0):
+      raise ValueError(f"guidance={guidance} must be a finite number >= 0 (1 = no guidance)")
     if guidance != 1.0 and not self.config.model.num_classes:
       raise ValueError(f"guidance={guidance} needs a class-conditional model; this one is unconditional: "
                        "use guidance=1")

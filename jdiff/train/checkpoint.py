@@ -7,6 +7,7 @@ and `restore_latest` falls back from an unreadable (corrupt, truncated) checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, TypeVar
 
@@ -55,6 +56,15 @@ def latest_step(workdir: str) -> int | None:
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, raw_config: dict) -> None:
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                              config=ocp.args.JsonSave(raw_config)))
+
+
+@contextlib.contextmanager
+def finishing(manager: ocp.CheckpointManager):
+  """Waits for in-flight (asynchronous) saves on the way out, also when training stops with an error."""
+  try:
+    yield manager
+  finally:
+    manager.wait_until_finished()
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
@@ -106,7 +116,7 @@ def state_mismatches(stored_tree, abstract_state) -> list[str]:
   """One line per array whose path, shape or dtype differs between a checkpoint's metadata and the state."""
   stored, wanted = _array_specs(stored_tree), _array_specs(abstract_state)
   lines = []
-  for name in sorted(set(stored) | set(wanted)):
+  for name in sorted(set(stored) | set(wanted), key=lambda n: (not n.startswith("params/"), n)):
     if name not in wanted:
       lines.append(f"{name}: in the checkpoint {stored[name]}, not in the model")
     elif name not in stored:

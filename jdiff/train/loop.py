@@ -53,7 +53,7 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   history = []
   tc = config.training
   saved = start or None
-  with metric_writers.ensure_flushes(writer), faults.StopRequest() as stop:
+  with metric_writers.ensure_flushes(writer), faults.StopRequest() as stop, checkpoint.finishing(manager):
     for step in range(start, tc.num_steps):
       batch = sharding.global_batch(next(iterator), mesh)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -77,7 +77,6 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
         break
       if (tc.sample_every and done % tc.sample_every == 0) or done == tc.num_steps:
         write_sample_grid(config, state, schedule, workdir, done, writer)
-  manager.wait_until_finished()
   return state
 
 

@@ -1,0 +1,392 @@
+"""Reliability: resume after SIGKILL/SIGTERM is bit-exact, unreadable checkpoints fall back, incompatible ones are
+refused by name, non-finite steps stop or are skipped, and bad command-line values end in one clean line."""
+import functools
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+import jdiff
+from configs import tiny
+from jdiff import data, runtime
+from jdiff import generate as gen
+from jdiff.config import ConfigError, parse_config
+from jdiff.schedules import make_schedule
+from jdiff.train import checkpoint, faults, sharding
+from jdiff.train.loop import _mean_metrics, train_and_evaluate
+from jdiff.train.state import abstract_train_state, create_train_state
+from jdiff.train.step import train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("JDIFF_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax"))
+
+
+def tiny_config(**training) -> ConfigDict:
+  raw = tiny.get_config()
+  raw.training.update(training)
+  return raw
+
+
+def script(name, *args, **popen):
+  """Starts train.py/sample.py with the tests' devices, datasets and compilation cache."""
+  env = dict(os.environ, JDIFF_COMPILATION_CACHE=CACHE)
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, name), *args], env=env, cwd=ROOT, text=True, **popen)
+
+
+def run_script(name, *args):
+  proc = script(name, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def restore_final(workdir, step):
+  manager = checkpoint.make_manager(str(workdir), create=False)
+  config = parse_config(checkpoint.restore_config(manager, step))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                    abstract_train_state(config))
+  return checkpoint.restore_checked(manager, step, abstract)
+
+
+def truncate_state_files(step_dir):
+  """Damages a checkpoint the way a half-copied or disk-full one is: its array data files cut in half."""
+  for path in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A 4-step tiny run with checkpoints at 2 and 4 (in-process: shares the compiled step with other tests)."""
+  workdir = tmp_path_factory.mktemp("rel") / "run"
+  state = train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(workdir))
+  return workdir, state
+
+
+# ---------------------------------------------------------------- kill, preempt, resume
+
+def test_killed_and_preempted_train_py_resumes_bit_identically(tmp_path):
+  """A real train.py is stopped by SIGTERM once and SIGKILLed three times at seeded random moments, restarting
+  each time; its final state equals an uninterrupted run's bit for bit, and no kill left an unreadable save."""
+  num_steps = 40
+  overrides = [f"--config.training.num_steps={num_steps}", "--config.training.checkpoint_every=2",
+               "--config.training.log_every=2"]
+  reference = train_and_evaluate(tiny_config(num_steps=num_steps, checkpoint_every=num_steps, log_every=2),
+                                 str(tmp_path / "reference"))
+  workdir = tmp_path / "interrupted"
+  args = ["--config", "configs/tiny.py", "--workdir", str(workdir), *overrides]
+  rng = random.Random(5)
+  logs, stopped_at = [], None
+  for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL, signal.SIGKILL):
+    log_path = tmp_path / f"run{len(logs)}.log"
+    with open(log_path, "w") as log:
+      proc = script("train.py", *args, stdout=log, stderr=log)
+      deadline = time.time() + 120
+      while "training steps" not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+      time.sleep(rng.uniform(0.0, 1.2))
+      proc.send_signal(sig)
+      returncode = proc.wait(timeout=120)
+    logs.append(log_path.read_text())
+    if sig == signal.SIGTERM:
+      assert returncode == 0, logs[-1][-3000:]
+      stopped_at = int(logs[-1].split("stopped by SIGTERM after step ")[1].split()[0])
+      assert checkpoint.latest_step(str(workdir)) == stopped_at < num_steps
+    else:
+      assert returncode == -signal.SIGKILL, logs[-1][-3000:]  # killed mid-run, not finished
+  returncode, _, err = run_script("train.py", *args)
+  assert returncode == 0, err[-3000:]
+  logs.append(err)
+  assert not any("unreadable" in log or "Traceback" in log for log in logs)
+  assert sum("Resuming from checkpoint" in log for log in logs) >= 3
+  assert not glob.glob(str(workdir / "checkpoints" / "*.orbax-checkpoint-tmp*"))
+  resumed = restore_final(workdir, num_steps)
+  assert int(resumed.step) == num_steps
+  for a, b in zip(leaves(reference), leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
+  before = signal.getsignal(signal.SIGTERM)
+  with faults.StopRequest() as stop:
+    assert stop.requested is None
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    assert stop.requested == "SIGTERM"
+  assert signal.getsignal(signal.SIGTERM) is before
+  with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C acts at once
+    with faults.StopRequest() as stop:
+      signal.raise_signal(signal.SIGINT)
+      assert stop.requested == "SIGINT"
+      signal.raise_signal(signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_unreadable_latest_checkpoint_falls_back_and_is_set_aside(trained, tmp_path):
+  source, straight = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  truncate_state_files(workdir / "checkpoints" / "4")
+  # A save that crashed midway: orbax's temporary directory, never renamed to its step.
+  shutil.copytree(workdir / "checkpoints" / "2", workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1")
+  assert checkpoint.latest_step(str(workdir)) == 4
+
+  with pytest.raises(checkpoint.UnreadableCheckpointError, match=rf"checkpoint {workdir}/checkpoints/4 is unreadable"):
+    jdiff.load(str(workdir), step=4)
+  assert jdiff.load(str(workdir)).step == 2  # the latest readable one
+
+  resumed = train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(workdir))
+  names = sorted(os.listdir(workdir / "checkpoints"))
+  assert names == ["2", "4", "4.unreadable"]  # the damaged step kept under another name, the tmp dir removed
+  for a, b in zip(leaves(straight), leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_no_readable_checkpoint_is_an_error_naming_each(trained, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained[0], workdir)
+  for step in ("2", "4"):
+    truncate_state_files(workdir / "checkpoints" / step)
+  with pytest.raises(checkpoint.UnreadableCheckpointError, match=r"no readable checkpoint: .*/4 is unreadable.*/2 "):
+    train_and_evaluate(tiny_config(num_steps=6, checkpoint_every=2), str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # nothing moved or deleted
+
+
+def test_restoring_another_models_state_names_the_mismatching_arrays(trained):
+  workdir, _ = trained
+  manager = checkpoint.make_manager(str(workdir), create=False)
+  wider = tiny_config()
+  wider.model.channels = 32
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"params/conv_in/kernel: checkpoint has float32\[3, 3, 1, 16\], model has "
+                           r"float32\[3, 3, 1, 32\]"):
+    checkpoint.restore_checked(manager, 4, abstract_train_state(parse_config(wider)))
+  # Orbax alone would cast a bfloat16 target silently; the check names the dtype.
+  same = abstract_train_state(parse_config(tiny_config()))
+  cast = same.replace(params=jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
+                                                    same.params))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"checkpoint has float32\[16\], model has "
+                                                                   r"bfloat16\[16\]"):
+    checkpoint.restore_checked(manager, 4, cast)
+  unconditional = tiny_config()
+  unconditional.model.num_classes = 0
+  unconditional.sampling.guidance_scale = 1.0
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"params/label_embed/embedding: in the checkpoint float32\[11, 64\], not in the "
+                                                                   r"model"):
+    checkpoint.restore_checked(manager, 4, abstract_train_state(parse_config(unconditional)))
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+@pytest.fixture(scope="module")
+def step_setup():
+  config = parse_config(tiny_config())
+  schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  state = jax.jit(functools.partial(create_train_state, config))(jax.random.key(0))
+  return config, schedule, state
+
+
+def digits_batch(nan=False):
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
+  if nan:
+    images[3, 2, 2, 0] = np.nan
+  return {"image": jnp.asarray(images), "label": jnp.asarray(np.arange(16) % 10, jnp.int32)}
+
+
+def test_a_non_finite_step_is_not_applied(step_setup):
+  config, schedule, state = step_setup
+  step = jax.jit(functools.partial(train_step, config=config))
+  bad, metrics = step(state, digits_batch(nan=True), jax.random.key(1), schedule)
+  assert int(metrics["nonfinite_steps"]) == 1 and not np.isfinite(float(metrics["loss"]))
+  assert int(bad.step) == int(state.step) + 1
+  for a, b in zip(leaves((state.params, state.ema_params, state.opt_state)),
+                  leaves((bad.params, bad.ema_params, bad.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  good, metrics = step(state, digits_batch(), jax.random.key(1), schedule)
+  assert int(metrics["nonfinite_steps"]) == 0
+  assert not all(np.array_equal(a, b) for a, b in zip(leaves(good.params), leaves(state.params)))
+
+
+def test_logged_metrics_average_applied_steps_and_count_skipped_ones():
+  history = [{"loss": 1.0, "nonfinite_steps": 0}, {"loss": float("nan"), "nonfinite_steps": 1},
+             {"loss": 3.0, "nonfinite_steps": 0}]
+  assert _mean_metrics(history) == {"loss": 2.0, "nonfinite_steps": 1.0}
+
+
+def nan_at(index, monkeypatch):
+  """Makes the training data's batch `index` (0-based step) hold a NaN pixel."""
+  real = data.make_train_iterator
+
+  def poisoned(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start=start_step):
+      if step == index:
+        batch = dict(batch, image=batch["image"].copy())
+        batch["image"].flat[5] = np.nan
+      yield batch
+
+  monkeypatch.setattr(data, "make_train_iterator", poisoned)
+
+
+def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  nan_at(6, monkeypatch)
+  with pytest.raises(faults.NonFiniteError, match=r"at step 7 \(loss=nan, grad_norm=nan\).*the last checkpoint, "
+                                                  r"step 4, is kept.*nonfinite=skip"):
+    train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=4, log_every=4), str(tmp_path))
+  assert checkpoint.make_manager(str(tmp_path), create=False).all_steps() == [4]
+
+
+def test_nonfinite_skip_trains_on_with_finite_params(tmp_path, monkeypatch):
+  nan_at(6, monkeypatch)
+  state = train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=4, log_every=4, nonfinite="skip"),
+                             str(tmp_path))
+  assert int(state.step) == 8 and all(np.isfinite(x).all() for x in leaves(state))
+  assert checkpoint.make_manager(str(tmp_path), create=False).all_steps() == [4, 8]
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("key, value, message", [
+    ("training.batch_size", 16.0, r"batch_size=16.0 has the wrong type: must be int"),
+    ("training.learning_rate", float("inf"), r"learning_rate=inf has the wrong type: must be float"),
+    ("model.channel_mults", ("1", "x"), r"channel_mults=\('1', 'x'\) has the wrong type: must be tuple\[int, ...\]"),
+    ("training.nonfinite", "ignore", r"nonfinite='ignore' is not allowed: must be one of stop, skip"),
+    ("seed", -1, r"config.seed=-1 is not allowed"),
+    ("model.image_size", 9, r"image_size=9 .*divisible by 2\*\*\(len\(channel_mults\) - 1\) = 2"),
+])
+def test_config_values_of_the_wrong_type_or_range_name_the_field(key, value, message):
+  raw = tiny_config().to_dict()
+  *section, field = key.split(".")
+  (raw[section[0]] if section else raw)[field] = value
+  with pytest.raises(ConfigError, match=message):
+    parse_config(raw)
+
+
+def test_notebook_api_rejects_bad_inputs_before_sampling(trained):
+  pipe = jdiff.load(str(trained[0]))
+  with pytest.raises(ValueError, match=r"images must be uint8 \[N, 8, 8, 1\], got float32 \(2, 8, 8, 1\)"):
+    pipe.invert(np.zeros((2, 8, 8, 1), np.float32))
+  with pytest.raises(ValueError, match=r"images must be uint8 \[N, 8, 8, 1\], got uint8 \(8, 8, 1\)"):
+    pipe.invert(np.zeros((8, 8, 1), np.uint8))
+  with pytest.raises(ValueError, match=r"noise must be float \[N, 8, 8, 1\], got float32 \(2, 16, 16, 1\)"):
+    pipe.decode(np.zeros((2, 16, 16, 1), np.float32))
+  with pytest.raises(ValueError, match="noise holds NaN"):
+    pipe.decode(np.full((1, 8, 8, 1), np.nan, np.float32))
+  with pytest.raises(ValueError, match=r"seed 4294967296 is outside \[0, 2\*\*32\)"):
+    pipe.generate(2, seed=2**32 - 1)
+  with pytest.raises(ValueError, match=r"eta=-0.5 must be a finite number >= 0"):
+    pipe.generate(2, eta=-0.5)
+
+
+# ---------------------------------------------------------------- fuzz
+
+TRAIN_FIELDS = [f"{section}.{key}" for section, values in tiny.get_config().to_dict().items()
+                if isinstance(values, dict)
+                for key in values] + ["seed", "training.batchsize", "model.colour", "sampler.steps"]
+VALUES = ["0", "1", "-1", "3", "7", "8", "12", "16", "64", "1000000", "2.5", "-0.5", "1e-3", "nan", "inf", "abc", "",
+          "True", "False", "None", "(1, 2)", "(1,)", "()", "(8, 4)", "ddim", "karras", "skip", "stop", "train[:10]",
+          "test", "validation", "float16", "bfloat16"]
+
+
+def fuzz_cases(count, seed):
+  rng = random.Random(seed)
+  return [[f"--config.{rng.choice(TRAIN_FIELDS)}={rng.choice(VALUES)}" for _ in range(rng.choice((1, 1, 2)))]
+          for _ in range(count)]
+
+
+def parse_train_command_line(overrides):
+  """train.py's parsing and up-front validation on a private FlagValues: the Config, or SystemExit(2)."""
+  argv = ["train.py", "--config", os.path.join(ROOT, "configs", "tiny.py"), *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", argv[2], flag_values=flag_values, lock_config=True, sys_argv=argv)
+  runtime.parse_flags(argv, flag_values)
+  config = parse_config(flag_values.config)
+  sharding.check_batch_divides(config.training.batch_size, sharding.make_mesh())
+  return config
+
+
+def test_fuzzed_train_command_lines_parse_or_fail_with_one_line(capsys):
+  outcomes = {"ok": 0, "flag error": 0, "config error": 0}
+  for overrides in fuzz_cases(60, seed=0):
+    try:
+      parse_train_command_line(overrides)
+      outcomes["ok"] += 1
+    except SystemExit as e:
+      err = capsys.readouterr().err
+      assert e.code == 2 and err.startswith("train.py: error: ") and err.count("\n") == 1, (overrides, err)
+      outcomes["flag error"] += 1
+    except ConfigError as e:
+      assert "\n" not in str(e) and "config." in str(e), (overrides, str(e))
+      outcomes["config error"] += 1
+  assert min(outcomes.values()) >= 5, outcomes  # the fuzz reaches every outcome
+
+
+SAMPLE_VALUES = {"sampler": ["ddim", "heun", "unipc", "ddmi", "", "DDIM"],
+                 "steps": [1, 4, 0, -3, 1000, 1001], "num": [1, 3, 0, -2], "seed": [0, 5, -1, 2**32 - 1, 2**40],
+                 "guidance": [1.0, 3.0, 0.0, -1.0, float("nan"), float("inf")], "label": [None, 0, 9, 10, -1],
+                 "eta": [None, 0.0, 1.0, -0.1, float("nan")], "spacing": [None, "trailing", "karras", "cosine"],
+                 "guidance_rescale": [0.0, 0.7, 1.5, -0.2], "negative_label": [None, 3, 10, -5],
+                 "batch_size": [1, 2, 256, 0, -1]}
+
+
+def test_fuzzed_notebook_sampling_options_run_or_raise_one_line_value_errors(trained, monkeypatch):
+  """Pipeline.generate (what sample.py calls) with random option values, the compiled sampler replaced by a
+  stand-in that checks it only ever receives validated options."""
+  pipe = jdiff.load(str(trained[0]))
+
+  def checked_sampler(model, params, schedule, noise, keys, *, labels, sampler, num_steps, spacing, eta,
+                      guidance_scale, guidance_rescale, negative_labels, prediction):
+    assert 1 <= num_steps <= 1000 and np.isfinite(guidance_scale) and guidance_scale >= 0 and eta >= 0
+    assert labels is None or ((0 <= labels) & (labels < 10)).all()
+    return jnp.zeros(noise.shape)
+
+  monkeypatch.setattr(gen, "sample_unet", checked_sampler)
+  rng = random.Random(1)
+  outcomes = {"ok": 0, "error": 0}
+  for _ in range(60):
+    options = {name: rng.choice(values) for name, values in SAMPLE_VALUES.items() if rng.random() < 0.4}
+    num = options.pop("num", 2)
+    try:
+      samples = pipe.generate(num, **options)
+      assert samples.images.shape == (num, 8, 8, 1)
+      outcomes["ok"] += 1
+    except ValueError as e:
+      assert "\n" not in str(e), (options, str(e))
+      outcomes["error"] += 1
+  assert min(outcomes.values()) >= 10, outcomes
+
+
+@pytest.mark.parametrize("name, args", [
+    ("train.py", ["--config.training.batch_size=12"]),
+    ("train.py", ["--config.model.attention_resolutions=(3,)", "--config.seed=2"]),
+    ("train.py", ["--config.data.split=validation"]),
+    ("sample.py", ["--steps=abc"]),
+    ("sample.py", ["--guidance=nan"]),
+])
+def test_fuzz_picks_fail_in_a_real_process_with_one_line_and_write_nothing(trained, tmp_path, name, args):
+  if name == "train.py":
+    workdir = tmp_path / "run"
+    code, _, err = run_script(name, "--config", "configs/tiny.py", "--workdir", str(workdir), *args)
+    assert not workdir.exists()
+  else:
+    out = tmp_path / "out.png"
+    code, _, err = run_script(name, "--workdir", str(trained[0]), "--num", "2", "--out", str(out), *args)
+    assert not out.exists()
+  assert code == 2 and err.count(f"{name}: error: ") == 1 and "Traceback" not in err, err[-2000:]
