@@ -81,44 +81,51 @@ def trained(tmp_path_factory):
 # ---------------------------------------------------------------- kill, preempt, resume
 
 def test_killed_and_preempted_train_py_resumes_bit_identically(tmp_path):
-  """A real train.py is stopped by SIGTERM once and SIGKILLed three times at seeded random moments, restarting
-  each time; its final state equals an uninterrupted run's bit for bit, and no kill left an unreadable save."""
-  num_steps = 40
-  overrides = [f"--config.training.num_steps={num_steps}", "--config.training.checkpoint_every=2",
-               "--config.training.log_every=2"]
+  """A real train.py is stopped by SIGTERM once and SIGKILLed twice at seeded random moments (a random delay after
+  a random checkpoint, so kills land mid-step and mid-save), restarting each time; its final state equals an
+  uninterrupted run's bit for bit, and no kill left an unreadable checkpoint behind."""
+  num_steps = 24
   reference = train_and_evaluate(tiny_config(num_steps=num_steps, checkpoint_every=num_steps, log_every=2),
                                  str(tmp_path / "reference"))
   workdir = tmp_path / "interrupted"
-  args = ["--config", "configs/tiny.py", "--workdir", str(workdir), *overrides]
+  args = ["--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.training.num_steps={num_steps}",
+          "--config.training.checkpoint_every=2", "--config.training.log_every=2"]
   rng = random.Random(5)
-  logs, stopped_at = [], None
-  for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL, signal.SIGKILL):
+  targets = sorted(rng.sample(range(2, num_steps - 6, 2), 3))
+  logs = []
+  for sig, target in zip((signal.SIGTERM, signal.SIGKILL, signal.SIGKILL), targets):
     log_path = tmp_path / f"run{len(logs)}.log"
     with open(log_path, "w") as log:
       proc = script("train.py", *args, stdout=log, stderr=log)
-      deadline = time.time() + 120
-      while "training steps" not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-      time.sleep(rng.uniform(0.0, 1.2))
+      deadline = time.time() + 300
+      while latest_saved(workdir) < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+      time.sleep(rng.uniform(0.0, 0.3))
       proc.send_signal(sig)
       returncode = proc.wait(timeout=120)
     logs.append(log_path.read_text())
     if sig == signal.SIGTERM:
       assert returncode == 0, logs[-1][-3000:]
       stopped_at = int(logs[-1].split("stopped by SIGTERM after step ")[1].split()[0])
-      assert checkpoint.latest_step(str(workdir)) == stopped_at < num_steps
+      assert latest_saved(workdir) == stopped_at < num_steps
     else:
       assert returncode == -signal.SIGKILL, logs[-1][-3000:]  # killed mid-run, not finished
   returncode, _, err = run_script("train.py", *args)
   assert returncode == 0, err[-3000:]
   logs.append(err)
   assert not any("unreadable" in log or "Traceback" in log for log in logs)
-  assert sum("Resuming from checkpoint" in log for log in logs) >= 3
+  assert sum("Resuming from checkpoint" in log for log in logs) == 3
   assert not glob.glob(str(workdir / "checkpoints" / "*.orbax-checkpoint-tmp*"))
   resumed = restore_final(workdir, num_steps)
   assert int(resumed.step) == num_steps
   for a, b in zip(leaves(reference), leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def latest_saved(workdir) -> int:
+  """The newest finished checkpoint step in workdir (0 if none), from the directory names alone."""
+  names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
+  return max([int(name) for name in names if name.isdigit()], default=0)
 
 
 def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
@@ -375,7 +382,6 @@ def test_fuzzed_notebook_sampling_options_run_or_raise_one_line_value_errors(tra
 
 @pytest.mark.parametrize("name, args", [
     ("train.py", ["--config.training.batch_size=12"]),
-    ("train.py", ["--config.model.attention_resolutions=(3,)", "--config.seed=2"]),
     ("train.py", ["--config.data.split=validation"]),
     ("sample.py", ["--steps=abc"]),
     ("sample.py", ["--guidance=nan"]),
