@@ -16,7 +16,7 @@ from clu import metric_writers, periodic_actions
 from jdiff import data, generate
 from jdiff.config import Config, ConfigError, parse_config
 from jdiff.schedules import make_schedule
-from jdiff.train import checkpoint, sharding
+from jdiff.train import checkpoint, distributed, sharding
 from jdiff.train.state import TrainState, abstract_train_state, create_train_state, make_model, param_count
 from jdiff.train.step import train_step
 
@@ -27,8 +27,9 @@ RESUME_SECTIONS = ("model", "diffusion")
 def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   config = parse_config(raw_config)
   raw = raw_config.to_dict() if hasattr(raw_config, "to_dict") else dict(raw_config)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_divides(config.training.batch_size, mesh)
+  distributed.initialize(config.parallel)
+  mesh = sharding.make_mesh(fsdp=config.parallel.fsdp)
+  sharding.check_batch_divides(config.training.batch_size, mesh, config.training.grad_accum_steps)
   schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   # Open the data before writing anything, so an unavailable dataset leaves the work dir untouched.
   start = checkpoint.latest_step(workdir) or 0
@@ -36,13 +37,15 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       start_step=start)
   manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints)
-  state = _restore_or_init(config, raw, manager, mesh, start)
-  logging.info("U-Net with %d parameters; training steps %d..%d on %d device(s)",
-               param_count(state.params), start, config.training.num_steps, mesh.size)
+  state_sharding = sharding.state_sharding(abstract_train_state(config), mesh)
+  state = _restore_or_init(config, raw, manager, state_sharding, start)
+  logging.info("U-Net with %d parameters; training steps %d..%d on %d device(s), mesh %s",
+               param_count(state.params), start, config.training.num_steps, mesh.size, dict(mesh.shape))
   repl = sharding.replicated(mesh)
-  step_fn = jax.jit(functools.partial(train_step, config=config),
-                    in_shardings=(repl, sharding.batch_sharded(mesh), repl, repl),
-                    out_shardings=(repl, repl), donate_argnums=0)
+  step_fn = distributed.compile_then_sync(jax.jit(functools.partial(train_step, config=config),
+                                                  in_shardings=(state_sharding, sharding.batch_sharded(mesh), repl,
+                                                                repl),
+                                                  out_shardings=(state_sharding, repl), donate_argnums=0))
   rng = jax.random.key(config.seed)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
@@ -64,19 +67,17 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
       if done % tc.checkpoint_every == 0 or done == tc.num_steps:
         checkpoint.save(manager, done, state, raw)
       if (tc.sample_every and done % tc.sample_every == 0) or done == tc.num_steps:
-        write_sample_grid(config, state, schedule, workdir, done, writer)
+        write_sample_grid(config, state, schedule, workdir, done, writer, mesh)
   manager.wait_until_finished()
   return state
 
 
-def _restore_or_init(config: Config, raw: dict, manager, mesh, step: int) -> TrainState:
-  repl = sharding.replicated(mesh)
+def _restore_or_init(config: Config, raw: dict, manager, state_sharding, step: int) -> TrainState:
   if not step:
-    init = jax.jit(functools.partial(create_train_state, config), out_shardings=repl)
+    init = jax.jit(functools.partial(create_train_state, config), out_shardings=state_sharding)
     return init(jax.random.key(config.seed))
   check_resumable(checkpoint.restore_config(manager, step), raw)
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                                    abstract_train_state(config))
+  abstract = sharding.abstract_with_sharding(abstract_train_state(config), state_sharding)
   logging.info("Resuming from checkpoint at step %d in %s", step, manager.directory)
   return checkpoint.restore_state(manager, step, abstract)
 
@@ -98,12 +99,18 @@ def _normalise(value):
   return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str, step: int, writer) -> None:
-  """Samples with the EMA params and the config's sampling settings; logs the grid and writes it as PNG."""
+def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str, step: int, writer,
+                      mesh=None) -> None:
+  """Samples with the EMA params and the config's sampling settings; logs the grid and writes it as PNG.
+
+  With a mesh, the EMA params are first gathered onto this process's first device, and every process samples
+  the same grid there on its own (no collectives; the params may be sharded over devices of other processes).
+  """
   sc, num_classes = config.sampling, config.model.num_classes
   seeds = np.arange(sc.num_samples)
   labels = seeds % num_classes if num_classes else None
-  images = generate.generate(make_model(config), state.ema_params, schedule, seeds=seeds, labels=labels,
+  params = state.ema_params if mesh is None else sharding.local_copy(state.ema_params, mesh)
+  images = generate.generate(make_model(config), params, schedule, seeds=seeds, labels=labels,
                              prediction=config.diffusion.prediction, sampler=sc.sampler, num_steps=sc.num_steps,
                              spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
   columns = num_classes if num_classes and sc.num_samples % num_classes == 0 else None
