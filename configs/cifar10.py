@@ -25,8 +25,11 @@ def get_config():
   config.training = dict(
       batch_size=128, num_steps=800_000, learning_rate=2e-4, warmup_steps=5000, weight_decay=0.0, grad_clip=1.0,
       ema_decay=0.9999, ema_warmup=False, log_every=100, checkpoint_every=5000, keep_checkpoints=3,
-      sample_every=20_000, nonfinite="stop")
+      sample_every=20_000, nonfinite="stop", grad_accum_steps=1, remat=False)
 
   config.sampling = dict(sampler="ddim", num_steps=100, spacing="trailing",
                          guidance_scale=1.0, eta=0.0, num_samples=64)
+  config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
+                         num_processes=ml_collections.config_dict.placeholder(int),
+                         process_id=ml_collections.config_dict.placeholder(int))
   return ml_collections.ConfigDict(config)

@@ -54,9 +54,12 @@ class TrainingConfig:
   keep_checkpoints: int = 3
   sample_every: int = 10_000  # 0 = only at the end
   nonfinite: str = "stop"  # a step with a non-finite loss or gradient: "stop" training, or "skip" it and count it
+  grad_accum_steps: int = 1  # split each batch into this many micro-batches, summing their gradients
+  remat: bool = False  # recompute U-Net block activations in the backward pass: less memory, ~1/3 more compute
 
   def __post_init__(self):
-    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "grad_accum_steps"):
       _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
     for name in ("warmup_steps", "sample_every"):
       _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
@@ -65,6 +68,8 @@ class TrainingConfig:
     _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
     _check(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "in [0, 1)")
     _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+    _check(self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps", self.grad_accum_steps,
+           f"a divisor of batch_size={self.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +91,39 @@ class SamplingConfig:
     _check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
 
 
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  """The device mesh and multi-process start-up (docs/scaling.md).
+
+  fsdp: size of the mesh's `fsdp` axis, over which parameters, EMA and optimizer moments are sharded; the
+    `data` axis takes the remaining devices, and the batch is split over both. 1 = plain data parallelism.
+  distributed: 'auto' calls jax.distributed.initialize when a coordinator address is given here or in
+    JAX_COORDINATOR_ADDRESS; 'on' always calls it (JAX detects TPU pods, SLURM, Open MPI); 'off' never does.
+  coordinator_address, num_processes, process_id: passed to jax.distributed.initialize; None = JAX's own
+    detection from the cluster environment.
+  """
+  fsdp: int = 1
+  distributed: str = "auto"
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def __post_init__(self):
+    _check(_is_int(self.fsdp) and self.fsdp >= 1, "fsdp", self.fsdp, "an integer >= 1 (1 = no parameter sharding)")
+    _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
+    _check(self.coordinator_address is None or (isinstance(self.coordinator_address, str)
+                                                and self.coordinator_address.rpartition(":")[2].isdigit()),
+           "coordinator_address", self.coordinator_address, "None or 'host:port'")
+    _check(self.num_processes is None or (_is_int(self.num_processes) and self.num_processes >= 1),
+           "num_processes", self.num_processes, "None or an integer >= 1")
+    _check(self.process_id is None or (_is_int(self.process_id) and self.process_id >= 0
+                                       and (self.num_processes is None or self.process_id < self.num_processes)),
+           "process_id", self.process_id, f"None or an integer in [0, num_processes={self.num_processes})")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
@@ -94,10 +132,11 @@ class Config:
   diffusion: DiffusionConfig
   training: TrainingConfig
   sampling: SamplingConfig
+  parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig,
-            "training": TrainingConfig, "sampling": SamplingConfig}
+            "training": TrainingConfig, "sampling": SamplingConfig, "parallel": ParallelConfig}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -185,6 +224,10 @@ def _to_dict(raw) -> dict:
 def _check(ok: bool, field: str, value, allowed: str) -> None:
   if not ok:
     raise ValueError(f"{field}={value!r} is not allowed: must be {allowed}")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_choice(field: str, value, choices) -> None:

@@ -87,8 +87,13 @@ def _require(ok: bool, field: str, value, allowed: str):
 
 
 class UNet(nn.Module):
-  """DDPM U-Net: ResBlocks and attention on a down path, a middle, and an up path fed by skips."""
+  """DDPM U-Net: ResBlocks and attention on a down path, a middle, and an up path fed by skips.
+
+  remat=True recomputes each block's activations in the backward pass (nn.remat) instead of storing them:
+  the same parameters and gradients, less activation memory for more compute.
+  """
   config: UNetConfig
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None, *,
@@ -97,8 +102,11 @@ class UNet(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     emb = self._embedding(jnp.broadcast_to(t, x.shape[:1]), labels)
-    block = lambda features, name: ResBlock(features, cfg.norm_groups, cfg.dropout, cfg.scale_shift, dtype, name=name)
-    attend = lambda h, name: AttentionBlock(cfg.num_heads, cfg.norm_groups, dtype, name=name)(h)
+    res_block, attention_block = ResBlock, AttentionBlock
+    if self.remat:
+      res_block, attention_block = nn.remat(ResBlock, static_argnums=(3,)), nn.remat(AttentionBlock)
+    block = lambda features, name: res_block(features, cfg.norm_groups, cfg.dropout, cfg.scale_shift, dtype, name=name)
+    attend = lambda h, name: attention_block(cfg.num_heads, cfg.norm_groups, dtype, name=name)(h)
     last = len(cfg.level_channels) - 1
 
     h = conv3x3(cfg.channels, dtype, "conv_in")(x)

@@ -17,7 +17,7 @@ from clu import metric_writers, periodic_actions
 from jdiff import data, generate
 from jdiff.config import Config, ConfigError, parse_config
 from jdiff.schedules import make_schedule
-from jdiff.train import checkpoint, faults, sharding
+from jdiff.train import checkpoint, distributed, faults, sharding
 from jdiff.train.state import TrainState, abstract_train_state, create_train_state, make_model, param_count
 from jdiff.train.step import train_step
 
@@ -28,23 +28,26 @@ RESUME_SECTIONS = ("model", "diffusion")
 def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   config = parse_config(raw_config)
   raw = raw_config.to_dict() if hasattr(raw_config, "to_dict") else dict(raw_config)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_divides(config.training.batch_size, mesh)
+  distributed.initialize(config.parallel)
+  mesh = sharding.make_mesh(fsdp=config.parallel.fsdp)
+  sharding.check_batch_divides(config.training.batch_size, mesh, config.training.grad_accum_steps)
   schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   # Open the data before writing anything, so an unavailable dataset leaves the work dir untouched.
   start = checkpoint.latest_step(workdir) or 0
   iterator = _open_data(config, start)
   manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints)
-  state = _restore_or_init(config, raw, manager, mesh, start)
+  state_sharding = sharding.state_sharding(abstract_train_state(config), mesh)
+  state = _restore_or_init(config, raw, manager, state_sharding, start)
   if int(state.step) != start:  # The latest checkpoint was unreadable: resume from the one that restored.
     start = int(state.step)
     iterator = _open_data(config, start)
-  logging.info("U-Net with %d parameters; training steps %d..%d on %d device(s)",
-               param_count(state.params), start, config.training.num_steps, mesh.size)
+  logging.info("U-Net with %d parameters; training steps %d..%d on %d device(s), mesh %s",
+               param_count(state.params), start, config.training.num_steps, mesh.size, dict(mesh.shape))
   repl = sharding.replicated(mesh)
-  step_fn = jax.jit(functools.partial(train_step, config=config),
-                    in_shardings=(repl, sharding.batch_sharded(mesh), repl, repl),
-                    out_shardings=(repl, repl), donate_argnums=0)
+  step_fn = distributed.compile_then_sync(jax.jit(functools.partial(train_step, config=config),
+                                                  in_shardings=(state_sharding, sharding.batch_sharded(mesh), repl,
+                                                                repl),
+                                                  out_shardings=(state_sharding, repl), donate_argnums=0))
   rng = jax.random.key(config.seed)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
@@ -61,7 +64,7 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
       history.append(metrics)
       done = step + 1
       progress(done)
-      stopping = stop.requested  # Read once: a signal may arrive at any moment.
+      stopping = distributed.any_process(stop.requested)  # Read once: a signal may arrive at any moment.
       save_now = done % tc.checkpoint_every == 0 or done == tc.num_steps or stopping
       if done % tc.log_every == 0 or done == tc.num_steps or save_now:
         faults.check_finite(history, done, tc.nonfinite, saved)  # Before a NaN step's state could be saved.
@@ -76,7 +79,7 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
                         stopping, done, manager.directory)
         break
       if (tc.sample_every and done % tc.sample_every == 0) or done == tc.num_steps:
-        write_sample_grid(config, state, schedule, workdir, done, writer)
+        write_sample_grid(config, state, schedule, workdir, done, writer, mesh)
   return state
 
 
@@ -89,13 +92,11 @@ def _open_data(config: Config, start: int):
     raise ConfigError(f"config.data: {e}") from None
 
 
-def _restore_or_init(config: Config, raw: dict, manager, mesh, step: int) -> TrainState:
-  repl = sharding.replicated(mesh)
+def _restore_or_init(config: Config, raw: dict, manager, state_sharding, step: int) -> TrainState:
   if not step:
-    init = jax.jit(functools.partial(create_train_state, config), out_shardings=repl)
+    init = jax.jit(functools.partial(create_train_state, config), out_shardings=state_sharding)
     return init(jax.random.key(config.seed))
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                                    abstract_train_state(config))
+  abstract = sharding.abstract_with_sharding(abstract_train_state(config), state_sharding)
 
   def restore(s: int) -> TrainState:
     check_resumable(checkpoint.restore_config_checked(manager, s), raw)
@@ -125,12 +126,18 @@ def _normalise(value):
   return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str, step: int, writer) -> None:
-  """Samples with the EMA params and the config's sampling settings; logs the grid and writes it as PNG."""
+def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str, step: int, writer,
+                      mesh=None) -> None:
+  """Samples with the EMA params and the config's sampling settings; logs the grid and writes it as PNG.
+
+  With a mesh, the EMA params are first gathered onto this process's first device, and every process samples
+  the same grid there on its own (no collectives; the params may be sharded over devices of other processes).
+  """
   sc, num_classes = config.sampling, config.model.num_classes
   seeds = np.arange(sc.num_samples)
   labels = seeds % num_classes if num_classes else None
-  images = generate.generate(make_model(config), state.ema_params, schedule, seeds=seeds, labels=labels,
+  params = state.ema_params if mesh is None else sharding.local_copy(state.ema_params, mesh)
+  images = generate.generate(make_model(config), params, schedule, seeds=seeds, labels=labels,
                              prediction=config.diffusion.prediction, sampler=sc.sampler, num_steps=sc.num_steps,
                              spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
   columns = num_classes if num_classes and sc.num_samples % num_classes == 0 else None

@@ -42,7 +42,7 @@ def ema_decay_at(step: jax.Array, cfg: TrainingConfig) -> jax.Array:
 
 
 def make_model(config: Config) -> UNet:
-  return UNet(config.model)
+  return UNet(config.model, remat=config.training.remat)
 
 
 def init_params(model: UNet, rng: jax.Array):

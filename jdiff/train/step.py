@@ -18,29 +18,68 @@ def drop_labels(rng: jax.Array, labels: jax.Array, num_classes: int, rate: float
   return jnp.where(jax.random.uniform(rng, labels.shape) < rate, num_classes, labels)
 
 
-def diffusion_training_loss(params, batch: dict, rng: jax.Array, schedule: Schedule, *, config: Config,
-                            train: bool = True) -> jax.Array:
-  """Mean loss over the batch for random timesteps, noise and label dropout drawn from `rng`."""
+def training_draws(rng: jax.Array, batch: dict, config: Config) -> tuple[dict, jax.Array]:
+  """Per-example timesteps `t`, `noise` and (dropped-out) `labels` for the whole batch, and the dropout key."""
   dc = config.diffusion
   x0 = batch["image"]
   k_t, k_noise, k_labels, k_dropout = jax.random.split(rng, 4)
-  t = jax.random.randint(k_t, (x0.shape[0],), 0, dc.num_timesteps)
-  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
-  labels = None
+  draws = {"t": jax.random.randint(k_t, (x0.shape[0],), 0, dc.num_timesteps),
+           "noise": jax.random.normal(k_noise, x0.shape, jnp.float32)}
   if config.model.num_classes:
-    labels = drop_labels(k_labels, batch["label"], config.model.num_classes, dc.label_dropout)
-  pred = make_model(config).apply({"params": params}, x_t, t.astype(jnp.float32), labels, train=train,
-                                  rngs={"dropout": k_dropout})
+    draws["labels"] = drop_labels(k_labels, batch["label"], config.model.num_classes, dc.label_dropout)
+  return draws, k_dropout
+
+
+def loss_on_draws(params, batch: dict, draws: dict, dropout_rng: jax.Array, schedule: Schedule, *, config: Config,
+                  train: bool = True) -> jax.Array:
+  """Mean loss over the batch for given draws; fp32 arithmetic (the U-Net returns fp32 whatever its compute dtype)."""
+  dc = config.diffusion
+  x0, t, noise = batch["image"], draws["t"], draws["noise"]
+  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  pred = make_model(config).apply({"params": params}, x_t, t.astype(jnp.float32), draws.get("labels"), train=train,
+                                  rngs={"dropout": dropout_rng})
   losses = diffusion.diffusion_loss(pred, schedule=schedule, x0=x0, noise=noise, t=t,
                                     parameterisation=dc.prediction, min_snr_gamma=dc.min_snr_gamma)
   return jnp.mean(losses)
 
 
+def diffusion_training_loss(params, batch: dict, rng: jax.Array, schedule: Schedule, *, config: Config,
+                            train: bool = True) -> jax.Array:
+  """Mean loss over the batch for random timesteps, noise and label dropout drawn from `rng`."""
+  draws, dropout_rng = training_draws(rng, batch, config)
+  return loss_on_draws(params, batch, draws, dropout_rng, schedule, config=config, train=train)
+
+
+def loss_and_grads(params, batch: dict, rng: jax.Array, schedule: Schedule, *, config: Config):
+  """(loss, grads) of the batch mean; with grad_accum_steps = k, summed over k micro-batches in a lax.scan.
+
+  The draws are made for the whole batch first and then sliced, so k micro-batches give the gradient of one
+  k-times-larger batch (up to float summation order); only the model's dropout masks differ, being drawn per
+  micro-batch. Micro-batch i takes examples i, i+k, i+2k, ...: each device keeps its rows, nothing moves.
+  """
+  k = config.training.grad_accum_steps
+  if k == 1:
+    return jax.value_and_grad(diffusion_training_loss)(params, batch, rng, schedule, config=config)
+  draws, dropout_rng = training_draws(rng, batch, config)
+  micro = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0),
+                                 (batch, draws))
+  grad_fn = jax.value_and_grad(loss_on_draws)
+
+  def add_micro_batch(total, inputs):
+    i, (micro_batch, micro_draws) = inputs
+    loss, grads = grad_fn(params, micro_batch, micro_draws, jax.random.fold_in(dropout_rng, i), schedule,
+                          config=config)
+    return jax.tree_util.tree_map(jnp.add, total, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+  total, _ = jax.lax.scan(add_micro_batch, zeros, (jnp.arange(k), micro))
+  return jax.tree_util.tree_map(lambda x: x / k, total)
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, schedule: Schedule, *, config: Config):
   """Returns (new_state, metrics). Every random draw is a function of (rng, state.step)."""
   step_rng = jax.random.fold_in(rng, state.step)
-  loss, grads = jax.value_and_grad(diffusion_training_loss)(state.params, batch, step_rng, schedule, config=config)
+  loss, grads = loss_and_grads(state.params, batch, step_rng, schedule, config=config)
   updates, opt_state = make_optimizer(config.training).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(state.step, config.training)

@@ -1,0 +1,74 @@
+"""Multi-process start-up: jax.distributed.initialize from the config or the environment, before JAX runs anything.
+
+Every process runs the same program (train.py with the same config); each feeds its own shard of the global batch
+and writes its own shards of the checkpoint. On CPU the processes' collectives go over gloo (TCP), JAX's default.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax._src import distributed as jax_distributed
+from absl import logging
+
+from jdiff.config import ParallelConfig
+
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+BARRIER_TIMEOUT_S = 3600
+_barrier_ids = itertools.count()
+
+
+def wants_initialize(cfg: ParallelConfig) -> bool:
+  """Whether this process should join a multi-process job (see ParallelConfig.distributed)."""
+  if cfg.distributed == "auto":
+    return bool(cfg.coordinator_address or os.environ.get(COORDINATOR_ENV))
+  return cfg.distributed == "on"
+
+
+def initialize(cfg: ParallelConfig) -> None:
+  """Calls jax.distributed.initialize once when the config asks for it; a no-op for a single process."""
+  if not wants_initialize(cfg) or jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                             process_id=cfg.process_id)
+  logging.info("Process %d of %d; %d local and %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def barrier(name: str) -> None:
+  """Waits until every process gets here, through the coordination service rather than a collective."""
+  if jax.process_count() > 1:
+    # JAX has no public handle on its coordination client; orbax and jax's own array serialisation use this one.
+    jax_distributed.global_state.client.wait_at_barrier(f"jdiff_{name}_{next(_barrier_ids)}",
+                                                        timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
+
+
+def compile_then_sync(jitted):
+  """`jitted`, whose first call compiles, then waits for all processes before running the program.
+
+  Processes compile at different speeds; one that finishes first would wait for the others inside the
+  program's first collective, and gloo (JAX's CPU collectives) gives up on a peer after 30 s. A single
+  process gets `jitted` back unchanged.
+  """
+  if jax.process_count() == 1:
+    return jitted
+  compiled = None
+
+  def call(*args):
+    nonlocal compiled
+    if compiled is None:
+      compiled = jitted.lower(*args).compile()
+      barrier("compiled")
+    return compiled(*args)
+  return call
+
+
+def any_process(reason: str | None) -> str | None:
+  """`reason` if this or any other process has one (e.g. a stop signal), so all processes act on the same step."""
+  if jax.process_count() == 1:
+    return reason
+  flags = multihost_utils.process_allgather(np.int32(reason is not None))
+  return reason or ("a signal to another process" if np.any(flags) else None)

@@ -1,0 +1,183 @@
+"""Scaling: every mesh layout (data, FSDP) and gradient accumulation match one device; remat, bf16, config errors.
+
+The multi-process test is in test_multihost.py. Tolerances: the layouts compute the same maths, but XLA sums
+the batch (and, under FSDP, each gradient's reduce-scatter) in another order, so results differ at fp32
+rounding (~1e-7 relative per reduction); three Adam steps divide each gradient by its own running norm, which
+keeps that relative size, and atol=1e-6 covers parameters whose gradients are ~0 (Adam's eps then dominates).
+"""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jdiff.config import ConfigError, parse_config
+from jdiff.schedules import make_schedule
+from jdiff.train import sharding
+from jdiff.train.loop import train_and_evaluate
+from jdiff.train.state import abstract_train_state, create_train_state
+from jdiff.train.step import loss_and_grads, train_step
+from tests.test_train import fixed_batch, tiny_config
+
+STEPS = 3
+
+
+def parsed(**sections):
+  raw = tiny_config()
+  for section, values in sections.items():
+    raw[section].update(values)
+  return parse_config(raw)
+
+
+def run_steps(config, devices, fsdp=1):
+  """STEPS jitted train steps from the seed-0 state on a (data, fsdp) mesh of `devices`."""
+  mesh = sharding.make_mesh(devices, fsdp=fsdp)
+  state_sharding = sharding.state_sharding(abstract_train_state(config), mesh)
+  repl = sharding.replicated(mesh)
+  schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  state = jax.jit(functools.partial(create_train_state, config), out_shardings=state_sharding)(jax.random.key(0))
+  step = jax.jit(functools.partial(train_step, config=config), donate_argnums=0,
+                 in_shardings=(state_sharding, sharding.batch_sharded(mesh), repl, repl),
+                 out_shardings=(state_sharding, repl))
+  for _ in range(STEPS):
+    state, metrics = step(state, sharding.global_batch(fixed_batch(), mesh), jax.random.key(3), schedule)
+  return state, metrics, state_sharding
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  state, metrics, _ = run_steps(parsed(), jax.devices()[:1])
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_fsdp_spec_splits_the_largest_divisible_dimension():
+  assert sharding.fsdp_spec((3, 3, 64, 128), 8) == P(None, None, None, "fsdp")
+  assert sharding.fsdp_spec((3, 3, 128, 64), 8) == P(None, None, "fsdp")
+  assert sharding.fsdp_spec((3, 3, 96, 96), 8) == P(None, None, None, "fsdp")  # ties: the last
+  assert sharding.fsdp_spec((33, 99), 8) == P()  # nothing divisible
+  assert sharding.fsdp_spec((512,), 8) == P()  # too small to be worth a collective
+  assert sharding.fsdp_spec((2048,), 8) == P("fsdp")
+  assert sharding.fsdp_spec((3, 3, 64, 128), 1) == P()
+
+
+# data=8 x fsdp=1 is test_train.py::test_sharded_training_on_8_devices_matches_one_device.
+@pytest.mark.parametrize("data, fsdp, accum", [(4, 2, 2), (1, 8, 1)])
+def test_mesh_layouts_match_one_device(one_device, data, fsdp, accum):
+  config = parsed(training=dict(grad_accum_steps=accum))
+  state, metrics, state_sharding = run_steps(config, jax.devices(), fsdp=fsdp)
+  assert dict(jax.tree_util.tree_leaves(state)[1].sharding.mesh.shape) == {"data": data, "fsdp": fsdp}
+  # Every leaf is laid out as declared, and under FSDP most of the state really is split.
+  split = 0
+  for leaf, declared in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(state_sharding)):
+    assert leaf.sharding.spec == declared.spec == sharding.fsdp_spec(leaf.shape, fsdp)
+    shard = declared.shard_shape(leaf.shape)
+    assert all(s.data.shape == shard for s in leaf.addressable_shards)
+    split += leaf.size if shard != leaf.shape else 0
+  total = sum(leaf.size for leaf in jax.tree_util.tree_leaves(state))
+  assert split / total > (0.9 if fsdp > 1 else -1) and (split == 0) == (fsdp == 1)
+  reference, reference_metrics = one_device
+  np.testing.assert_allclose(metrics["loss"], reference_metrics["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_divides_the_state_memory_per_device():
+  abstract = abstract_train_state(parsed())
+  full = sharding.per_device_bytes(abstract, sharding.state_sharding(abstract, sharding.make_mesh(fsdp=1)))
+  fsdp8 = sharding.per_device_bytes(abstract, sharding.state_sharding(abstract, sharding.make_mesh(fsdp=8)))
+  assert full == 4 * sum(x.size for x in jax.tree_util.tree_leaves(abstract))
+  assert full / 8 < fsdp8 < full / 6  # replicated leaves (biases, norms, counters) are a small remainder
+
+
+def perturbed_params(config, scale=0.05):
+  """Seed-0 params plus noise: the zero-initialised output convs would otherwise make every prediction 0."""
+  params = jax.jit(functools.partial(create_train_state, config))(jax.random.key(0)).params
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return tree.unflatten([x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def grads_with(rng, **training):
+  config = parsed(training=training)
+  fn = jax.jit(functools.partial(loss_and_grads, config=config))
+  return fn(perturbed_params(config), fixed_batch(), rng, make_schedule("cosine", 1000))
+
+
+@pytest.fixture(scope="module")
+def plain_grads():
+  """(loss, grads) of the batch of 16 in one piece, fp32, no remat: the reference of the tests below."""
+  return grads_with(STEP_RNG)
+
+
+STEP_RNG = jax.random.fold_in(jax.random.key(2), 0)  # what train_step draws from at step 0 with key(2)
+
+
+def assert_grads_close(grads, reference, rtol):
+  """Each tensor within rtol of its own largest entry: a summation-order tolerance."""
+  for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(grads)):
+    np.testing.assert_allclose(b, a, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(a))))
+
+
+def test_gradient_accumulation_equals_one_larger_batch(plain_grads):
+  """4 micro-batches of 4 give the loss and gradients of the batch of 16, with the same per-example draws."""
+  loss, grads = grads_with(STEP_RNG, grad_accum_steps=4)
+  assert float(loss) == pytest.approx(float(plain_grads[0]), rel=1e-6)
+  assert_grads_close(grads, plain_grads[1], rtol=1e-5)
+
+
+def test_remat_gives_the_same_gradients(plain_grads):
+  config = parsed(training=dict(remat=True))
+  loss_fn = jax.jit(functools.partial(loss_and_grads, config=config))
+  args = (perturbed_params(config), fixed_batch(), STEP_RNG, make_schedule("cosine", 1000))
+  loss, grads = loss_fn(*args)
+  assert float(loss) == float(plain_grads[0])
+  assert_grads_close(grads, plain_grads[1], rtol=1e-6)
+  # jax.checkpoint fences each recomputed block with optimisation barriers, so XLA cannot undo the remat.
+  assert loss_fn.lower(*args).as_text().count("optimization_barrier") >= 10
+
+
+def test_bf16_training_keeps_fp32_params_and_loss(plain_grads):
+  config = parsed(model=dict(dtype="bfloat16"))
+  state = jax.jit(functools.partial(create_train_state, config))(jax.random.key(0))
+  state = state.replace(params=perturbed_params(config))
+  new, metrics = jax.jit(functools.partial(train_step, config=config))(
+      state, fixed_batch(), jax.random.key(2), make_schedule("cosine", 1000))
+  assert {x.dtype for x in jax.tree_util.tree_leaves((new.params, new.ema_params, new.opt_state))} == {
+      jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}  # int32: Adam's step counter
+  loss_bf16, loss_fp32 = float(metrics["loss"]), float(plain_grads[0])
+  assert metrics["loss"].dtype == jnp.float32 and np.isfinite(loss_bf16)
+  # The same params and draws: bf16 keeps 8 significant bits (~0.4% per rounding) in the convs and matmuls.
+  assert loss_bf16 == pytest.approx(loss_fp32, rel=2e-2)
+  assert loss_bf16 != loss_fp32  # the switch does change the compute dtype
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("parallel", dict(fsdp=3), r"config.parallel.fsdp=3 does not divide the 8 devices"),
+    ("training", dict(grad_accum_steps=4, batch_size=16), r"batch_size=16 is not divisible by the 8 devices of "
+                                                          r"the mesh x 4 gradient-accumulation steps: use a "
+                                                          r"multiple of 32"),
+])
+def test_mesh_errors_name_the_field_and_write_nothing(tmp_path, section, values, message):
+  raw = tiny_config()
+  raw[section].update(values)
+  with pytest.raises(ConfigError, match=message):
+    train_and_evaluate(raw, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("training", dict(grad_accum_steps=3), r"config.training: grad_accum_steps=3 .* a divisor of batch_size=16"),
+    ("training", dict(grad_accum_steps=0), r"grad_accum_steps=0 .* an integer >= 1"),
+    ("parallel", dict(fsdp=0), r"config.parallel: fsdp=0 .* an integer >= 1"),
+    ("parallel", dict(distributed="yes"), r"distributed='yes' .* one of auto, on, off"),
+    ("parallel", dict(coordinator_address="localhost"), r"coordinator_address='localhost' .* 'host:port'"),
+    ("parallel", dict(num_processes=2, process_id=2), r"process_id=2 .* \[0, num_processes=2\)"),
+])
+def test_parallel_config_errors_name_the_field(section, values, message):
+  raw = tiny_config()
+  raw[section].update(values)
+  with pytest.raises(ConfigError, match=message):
+    parse_config(raw)
