@@ -250,6 +250,8 @@ def parse_args():
   parser.add_argument("--sample_steps", type=int, default=50)
   parser.add_argument("--sample_repeats", type=int, default=2, help="timed sampling runs of each; 0 skips")
   parser.add_argument("--matmul_size", type=int, default=0, help="matmul peak size; 0: 2048 on CPU, 8192 on GPU")
+  parser.add_argument("--threads", type=int, default=0,
+                      help="pin the process to this many CPU cores and torch to as many threads (0: all)")
   parser.add_argument("--torch_channels_last", action="store_true", help="run diffusers in NHWC memory format")
   args = parser.parse_args()
   for name, value in PRESETS[args.preset].items():
@@ -262,6 +264,9 @@ def parse_args():
 
 def main():
   args = parse_args()
+  if args.threads:  # before JAX's and torch's thread pools exist, so both size themselves to the pinned cores
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    torch.set_num_threads(args.threads)
   load_before = load()
   config = jdiff_config(args)
   device = torch_device()
