@@ -26,9 +26,35 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return jnp.pad(emb, ((0, 0), (0, dim - 2 * half)))
 
 
+class GroupNorm(nn.Module):
+  """nn.GroupNorm's parameters and maths (eps 1e-6, variance as E[x^2] - E[x]^2), computed from per-channel moments.
+
+  Reducing over the spatial axes first keeps the channels as the contiguous minor axis, and the normalisation
+  becomes one per-(example, channel) scale and shift, which XLA:CPU runs about 2.5x faster, forward and backward,
+  than a reduction over [..., groups, channels // groups] (docs/performance.md).
+  """
+  num_groups: int
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    x = x.astype(jnp.float32)
+    spatial = tuple(range(1, x.ndim - 1))
+    per_group = lambda m: jnp.mean(m.reshape(x.shape[0], self.num_groups, c // self.num_groups), axis=-1)
+    mean = per_group(jnp.mean(x, axis=spatial))
+    var = jnp.maximum(per_group(jnp.mean(jnp.square(x), axis=spatial)) - jnp.square(mean), 0.0)
+    channel_shape = (x.shape[0],) + (1,) * len(spatial) + (c,)
+    to_channels = lambda g: jnp.repeat(g, c // self.num_groups, axis=1).reshape(channel_shape)
+    mul = to_channels(jax.lax.rsqrt(var + self.epsilon)) * scale
+    return x * mul + (bias - to_channels(mean) * mul)
+
+
 def group_norm(x: jax.Array, groups: int, name: str | None = None) -> jax.Array:
   """GroupNorm computed in fp32; returns fp32 (callers cast back after any fp32 follow-up)."""
-  return nn.GroupNorm(num_groups=groups, dtype=jnp.float32, name=name)(x)
+  return GroupNorm(num_groups=groups, name=name)(x)
 
 
 def conv3x3(features: int, dtype, name: str | None = None, zero: bool = False, strides: int = 1) -> nn.Conv:
