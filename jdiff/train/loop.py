@@ -34,7 +34,9 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   start = checkpoint.latest_step(workdir) or 0
   iterator = data.make_train_iterator(config.data, config.training.batch_size, config.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
-                                      start_step=start)
+                                      start_step=start, captions=bool(config.model.context_dim))
+  if config.model.context_dim:
+    iterator = map(functools.partial(tokenize_captions, config.text.tokenizer()), iterator)
   manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints)
   state = _restore_or_init(config, raw, manager, mesh, start)
   logging.info("U-Net with %d parameters; training steps %d..%d on %d device(s)",
@@ -67,6 +69,13 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
         write_sample_grid(config, state, schedule, workdir, done, writer)
   manager.wait_until_finished()
   return state
+
+
+def tokenize_captions(tokenizer, batch: dict) -> dict:
+  """The batch with its "caption" strings replaced by "tokens", int32 ids [B, max_length]."""
+  batch = dict(batch)
+  batch["tokens"] = tokenizer.encode(batch.pop("caption"))
+  return batch
 
 
 def _restore_or_init(config: Config, raw: dict, manager, mesh, step: int) -> TrainState:
@@ -103,9 +112,15 @@ def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str,
   sc, num_classes = config.sampling, config.model.num_classes
   seeds = np.arange(sc.num_samples)
   labels = seeds % num_classes if num_classes else None
+  negatives = None
+  if config.model.context_dim:  # One column per prompt of config.text.sample_prompts (none: the empty prompt).
+    prompts = config.text.sample_prompts or ("",)
+    num_classes = len(prompts)
+    labels = config.text.tokenizer().encode([prompts[i % num_classes] for i in seeds])
+    negatives = config.text.tokenizer().encode("")
   images = generate.generate(make_model(config), state.ema_params, schedule, seeds=seeds, labels=labels,
-                             prediction=config.diffusion.prediction, sampler=sc.sampler, num_steps=sc.num_steps,
-                             spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
+                             negative_labels=negatives, prediction=config.diffusion.prediction, sampler=sc.sampler,
+                             num_steps=sc.num_steps, spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
   columns = num_classes if num_classes and sc.num_samples % num_classes == 0 else None
   grid = generate.make_grid(data.model_range_to_uint8(images), columns=columns)
   writer.write_images(step, {"samples": grid[None]})

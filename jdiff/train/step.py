@@ -18,6 +18,13 @@ def drop_labels(rng: jax.Array, labels: jax.Array, num_classes: int, rate: float
   return jnp.where(jax.random.uniform(rng, labels.shape) < rate, num_classes, labels)
 
 
+def drop_captions(rng: jax.Array, ids: jax.Array, empty_ids: jax.Array, rate: float) -> jax.Array:
+  """Replaces a `rate` share of token-id rows [B, L] by the empty prompt's ids [L], for classifier-free guidance."""
+  if rate == 0.0:
+    return ids
+  return jnp.where(jax.random.uniform(rng, ids.shape[:1])[:, None] < rate, empty_ids, ids)
+
+
 def diffusion_training_loss(params, batch: dict, rng: jax.Array, schedule: Schedule, *, config: Config,
                             train: bool = True) -> jax.Array:
   """Mean loss over the batch for random timesteps, noise and label dropout drawn from `rng`."""
@@ -30,6 +37,9 @@ def diffusion_training_loss(params, batch: dict, rng: jax.Array, schedule: Sched
   labels = None
   if config.model.num_classes:
     labels = drop_labels(k_labels, batch["label"], config.model.num_classes, dc.label_dropout)
+  if config.model.context_dim:
+    empty = jnp.asarray(config.text.tokenizer().encode("")[0])
+    labels = drop_captions(k_labels, batch["tokens"], empty, config.text.caption_dropout)
   pred = make_model(config).apply({"params": params}, x_t, t.astype(jnp.float32), labels, train=train,
                                   rngs={"dropout": k_dropout})
   losses = diffusion.diffusion_loss(pred, schedule=schedule, x0=x0, noise=noise, t=t,
