@@ -7,10 +7,11 @@ from jdiff.data import DataConfig, dataset_info, make_train_iterator, shapes, sh
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  sources.prepare(sources.get_builder("shapes", path))
-  return path
+def data_dir():
+  """conftest's TFDS_DATA_DIR, where the text tests read `shapes` too: it is built once and kept between runs."""
+  builder = sources.get_builder("shapes", None)
+  sources.prepare(builder)
+  return str(builder.data_dir_root)
 
 
 def test_same_seed_same_examples_other_seed_other_examples():
