@@ -3,6 +3,7 @@
   python sample.py --workdir runs/default --sampler ddim --steps 20 --num 100 --guidance 3 --out grid.png
   python sample.py --workdir runs/default --label 7 --num 64 --out sevens.npz
   python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
+  python sample.py --workdir runs/shapes --prompt "a red square" --negative_prompt "a small square" --guidance 5
 """
 import os
 
@@ -35,6 +36,12 @@ _INTERPOLATE = flags.DEFINE_integer("interpolate", None, "Write a strip of this 
 _SEED_END = flags.DEFINE_integer("seed_end", None, "Last frame's seed for --interpolate (default: SEED + 1).")
 _LABEL_END = flags.DEFINE_integer("label_end", None, "Last frames' class for --interpolate (default: --label).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text models: the prompt of every image (default: cycle through "
+                              "the config's text.sample_prompts); \"\" samples unconditionally.")
+_NEGATIVE_PROMPT = flags.DEFINE_string("negative_prompt", None, "Text models: a prompt to steer away from, in place "
+                                       "of the empty prompt.")
+flags.DEFINE_alias("negative-prompt", "negative_prompt")
+_PROMPT_END = flags.DEFINE_string("prompt_end", None, "Last frames' prompt for --interpolate (default: --prompt).")
 
 
 def output_path() -> str:
@@ -50,7 +57,8 @@ def write(samples: jdiff.Samples, out: str, columns: int | None) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   if out.endswith(".npz"):
     labels = samples.labels if samples.labels is not None else np.full(len(samples.images), -1, np.int32)
-    np.savez(out, images=samples.images, labels=labels, seeds=samples.seeds)
+    prompts = {} if samples.prompts is None else {"prompts": np.array(samples.prompts)}
+    np.savez(out, images=samples.images, labels=labels, seeds=samples.seeds, **prompts)
   else:
     generate.save_png(generate.make_grid(samples.images, columns=columns), out)
 
@@ -65,17 +73,21 @@ def main(argv):
     out = output_path()
     pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
     options = dict(sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value, guidance=_GUIDANCE.value,
-                   guidance_rescale=_RESCALE.value, negative_label=_NEGATIVE.value, eta=_ETA.value)
+                   guidance_rescale=_RESCALE.value, negative_label=_NEGATIVE.value, eta=_ETA.value,
+                   negative_prompt=_NEGATIVE_PROMPT.value)
     if _INTERPOLATE.value:
       samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
-                                 label_end=_LABEL_END.value, **options)
+                                 label_end=_LABEL_END.value, prompt=_PROMPT.value, prompt_end=_PROMPT_END.value,
+                                 **options)
     else:
       report = lambda done, total: logging.info("generated %d/%d images", done, total)
-      samples = pipe.generate(_NUM.value, seed=_SEED.value, label=_LABEL.value, batch_size=_BATCH.value,
-                              progress=report, **options)
+      samples = pipe.generate(_NUM.value, seed=_SEED.value, label=_LABEL.value, prompt=_PROMPT.value,
+                              batch_size=_BATCH.value, progress=report, **options)
   except (ValueError, FileNotFoundError, ConfigError, CheckpointError) as e:
     runtime.fail("sample.py", e)
   num_classes = pipe.config.model.num_classes
+  if pipe.config.model.context_dim and _PROMPT.value is None:  # a column per prompt of the config's sample_prompts
+    num_classes = len(pipe.config.text.sample_prompts)
   columns = num_classes if num_classes and _LABEL.value is None and _NUM.value % num_classes == 0 else None
   if _INTERPOLATE.value:
     columns = _INTERPOLATE.value  # one row

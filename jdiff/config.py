@@ -13,7 +13,9 @@ from typing import Any, Mapping
 
 from jdiff import diffusion, samplers, schedules
 from jdiff.data import DataConfig
+from jdiff.models.text import TextEncoderConfig
 from jdiff.models.unet import UNetConfig
+from jdiff.tokenizer import Tokenizer
 
 
 class ConfigError(ValueError):
@@ -125,6 +127,41 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """The text encoder of a text-to-image model, used when config.model.context_dim > 0 (= width).
+
+  Captions become max_length token ids (jdiff.tokenizer); caption_dropout replaces a share of them by the empty
+  prompt, whose output is the unconditional score of classifier-free guidance. trainable=False freezes the encoder
+  (no gradient reaches it). sample_prompts: the prompts of the sample grids written in training, cycled.
+  """
+  max_length: int = 16
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 512
+  causal: bool = True
+  activation: str = "quick_gelu"
+  trainable: bool = True
+  caption_dropout: float = 0.1
+  sample_prompts: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+    _check(0 <= self.caption_dropout < 1, "caption_dropout", self.caption_dropout, "in [0, 1)")
+    _check(isinstance(self.trainable, bool), "trainable", self.trainable, "True or False")
+    self.encoder_config()  # Validates the architecture fields.
+    self.tokenizer().encode(self.sample_prompts)  # Raises, naming the word, for a prompt the tokenizer cannot encode.
+
+  def tokenizer(self) -> Tokenizer:
+    return Tokenizer(self.max_length)
+
+  def encoder_config(self, dtype: str = "float32") -> TextEncoderConfig:
+    return TextEncoderConfig(vocab_size=Tokenizer(self.max_length).vocab_size, max_length=self.max_length,
+                             width=self.width, depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                             causal=self.causal, activation=self.activation, dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
   data: DataConfig
@@ -133,10 +170,11 @@ class Config:
   training: TrainingConfig
   sampling: SamplingConfig
   parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+  text: TextConfig = dataclasses.field(default_factory=TextConfig)
 
 
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig,
-            "training": TrainingConfig, "sampling": SamplingConfig, "parallel": ParallelConfig}
+            "training": TrainingConfig, "sampling": SamplingConfig, "parallel": ParallelConfig, "text": TextConfig}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -169,9 +207,16 @@ def _check_consistency(config: Config) -> None:
   if config.sampling.num_steps > config.diffusion.num_timesteps:
     raise ConfigError(f"config.sampling.num_steps ({config.sampling.num_steps}) exceeds "
                       f"config.diffusion.num_timesteps ({config.diffusion.num_timesteps})")
-  if config.sampling.guidance_scale != 1.0 and config.model.num_classes == 0:
-    raise ConfigError(f"config.sampling.guidance_scale={config.sampling.guidance_scale} needs a class-conditional "
-                      "model: set config.model.num_classes > 0, or guidance_scale=1.0 for an unconditional one")
+  if config.sampling.guidance_scale != 1.0 and config.model.num_classes == 0 and config.model.context_dim == 0:
+    raise ConfigError(f"config.sampling.guidance_scale={config.sampling.guidance_scale} needs a conditional "
+                      "model: set config.model.num_classes > 0 (classes) or config.model.context_dim > 0 (text), or "
+                      "guidance_scale=1.0 for an unconditional one")
+  if config.model.context_dim and config.model.context_dim != config.text.width:
+    raise ConfigError(f"config.model.context_dim ({config.model.context_dim}) must equal config.text.width "
+                      f"({config.text.width}): the U-Net cross-attends to the text encoder's hidden states")
+  if config.model.context_dim and not config.text.trainable and config.training.weight_decay:
+    raise ConfigError(f"config.training.weight_decay={config.training.weight_decay} would decay the frozen text "
+                      "encoder (config.text.trainable=False): set weight_decay=0.0 or train the encoder")
 
 
 def _reject_unknown(prefix: str, values: Mapping[str, Any], allowed: list[str]) -> None:

@@ -15,12 +15,13 @@ import numpy as np
 from PIL import Image
 
 from jdiff import samplers
+from jdiff.models.text import TextToImageUNet
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule
 
 
-def unet_model_fn(model: UNet, params):
-  """Adapts a U-Net to the samplers' `model_fn(x, t, cond)`, cond being class labels or None."""
+def unet_model_fn(model: UNet | TextToImageUNet, params):
+  """Adapts a U-Net to the samplers' `model_fn(x, t, cond)`, cond being class labels, token ids or None."""
   return lambda x, t, cond: model.apply({"params": params}, x, t, cond)
 
 
@@ -42,7 +43,18 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
 
   For a class-conditional model, guidance steers from `negative_labels` (default: the null class, i.e.
   classifier-free guidance) toward `labels` (default: all null, i.e. unconditional samples).
+  For a text model (TextToImageUNet), labels are the prompts' token ids [B, L] and negative_labels the negative
+  prompt's, [L] or [B, L]: the empty prompt's for classifier-free guidance.
   """
+  eta = samplers.DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
+  if isinstance(model, TextToImageUNet):
+    if labels is None or negative_labels is None:
+      raise ValueError("a text model samples from prompt token ids (labels) and the negative or empty prompt's "
+                       "(negative_labels)")
+    return _sample_unet(params, schedule, noise, keys, jnp.asarray(labels, jnp.int32),
+                        jnp.asarray(negative_labels, jnp.int32), jnp.float32(guidance_scale),
+                        jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
+                        sampler=sampler, num_steps=num_steps, spacing=spacing, guided=guidance_scale != 1.0)
   num_classes = model.config.num_classes
   if num_classes:
     null = jnp.full((noise.shape[0],), num_classes, jnp.int32)
@@ -51,7 +63,6 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
   else:
     labels = uncond = None
   guided = bool(num_classes) and (guidance_scale != 1.0 or negative_labels is not None)
-  eta = samplers.DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
   return _sample_unet(params, schedule, noise, keys, labels, uncond, jnp.float32(guidance_scale),
                       jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
                       sampler=sampler, num_steps=num_steps, spacing=spacing, guided=guided)

@@ -4,6 +4,11 @@
     pipe = jdiff.load("runs/default")
     samples = pipe.generate(num=20, label=3, sampler="ddim", steps=20, guidance=3.0, seed=0)
     samples.images  # uint8 [20, 16, 16, 1]
+
+A text-to-image model (config.model.context_dim > 0) takes prompts where a class model takes labels:
+
+    pipe = jdiff.load("runs/shapes")
+    samples = pipe.generate(8, prompt="a red square", negative_prompt="a small square", guidance=5.0)
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class Samples:
   images: np.ndarray  # uint8 [N, H, W, C]
   labels: np.ndarray | None  # int32 [N], or None for an unconditional model
   seeds: np.ndarray  # the seed of each image: image i is reproduced by its seed alone
+  prompts: tuple[str, ...] | None = None  # a text model's prompt of each image
 
 
 @dataclasses.dataclass
@@ -47,20 +53,24 @@ class Pipeline:
     return make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
 
   def generate(self, num: int = 16, *, seed: int = 0, label: int | Sequence[int] | None = None,
-               batch_size: int = 256, progress: Callable[[int, int], None] | None = None,
-               **options) -> Samples:
+               prompt: str | Sequence[str] | None = None, batch_size: int = 256,
+               progress: Callable[[int, int], None] | None = None, **options) -> Samples:
     """Generates `num` images with seeds seed, seed+1, ...
 
     label: one class for every image, one per image, or None to cycle through the classes.
+    prompt (text models, in place of label): one prompt for every image, one per image, or None to cycle through
+      config.text.sample_prompts ("" is the unconditional prompt).
     options (unset ones come from the config's sampling section): sampler, steps, spacing, guidance,
-      guidance_rescale, negative_label (a class to steer away from instead of the null class), eta.
+      guidance_rescale, negative_label (a class to steer away from instead of the null class), negative_prompt
+      (text models: a prompt to steer away from instead of the empty one), eta.
     """
     options = self._sampling_options(**options)
     if num < 1 or batch_size < 1:
       raise ValueError(f"num={num} and batch_size={batch_size} must be at least 1")
     _check_seeds(seed, seed + num - 1)
     seeds = np.arange(seed, seed + num, dtype=np.int64)
-    labels = self._labels(label, num)
+    prompts = self._prompts(prompt, num)
+    labels = self._cond(label, prompts, num)
     size = min(batch_size, num)
     chunks = []
     for start in range(0, num, size):
@@ -68,12 +78,16 @@ class Pipeline:
       chunks.append(self._generate_padded(seeds[chunk], None if labels is None else labels[chunk], size, options))
       if progress:
         progress(chunk.stop, num)
+    if prompts is not None:
+      return Samples(images=np.concatenate(chunks), labels=None, seeds=seeds, prompts=tuple(prompts))
     return Samples(images=np.concatenate(chunks), labels=labels, seeds=seeds)
 
   def interpolate(self, num_frames: int = 8, *, seed: int = 0, seed_end: int | None = None,
-                  label: int | None = None, label_end: int | None = None, **options) -> Samples:
+                  label: int | None = None, label_end: int | None = None, prompt: str | None = None,
+                  prompt_end: str | None = None, **options) -> Samples:
     """Frames along the spherical path from seed's noise to seed_end's (default seed + 1), sampled
-    deterministically (eta 0); a conditional model's class switches from label to label_end halfway."""
+    deterministically (eta 0); a conditional model's class switches from label to label_end halfway (a text
+    model's prompt from prompt to prompt_end)."""
     options = self._sampling_options(**options)
     if options["sampler"] == "ddpm":
       raise ValueError("sampler='ddpm' is stochastic; interpolate with a deterministic one, e.g. ddim")
@@ -82,14 +96,25 @@ class Pipeline:
       raise ValueError(f"num_frames={num_frames} must be at least 2")
     _check_seeds(seed, seed_end)
     halves = (num_frames + 1) // 2
-    labels = self._interpolation_labels(label, label_end, halves, num_frames - halves)
+    prompts = None
+    if self.config.model.context_dim:
+      prompt = (self.config.text.sample_prompts or ("",))[0] if prompt is None else prompt
+      prompts = [prompt] * halves + [prompt if prompt_end is None else prompt_end] * (num_frames - halves)
+    else:
+      self._prompts(prompt_end if prompt is None else prompt, 0)  # raises if a prompt was given
+    labels = self._cond(label, prompts, num_frames) if prompts else self._interpolation_labels(
+        label, label_end, halves, num_frames - halves)
     mc = self.config.model
     noise = gen.interpolation_noise(seed, seed_end, num_frames, (mc.image_size, mc.image_size, mc.in_channels))
-    return Samples(images=self._sample(noise, None, labels, dict(options, eta=0.0)), labels=labels,
-                   seeds=np.array([seed] * halves + [seed_end] * (num_frames - halves)))
+    images = self._sample(noise, None, labels, dict(options, eta=0.0))
+    seeds = np.array([seed] * halves + [seed_end] * (num_frames - halves))
+    if prompts:
+      return Samples(images=images, labels=None, seeds=seeds, prompts=tuple(prompts))
+    return Samples(images=images, labels=labels, seeds=seeds)
 
-  def invert(self, images: np.ndarray, *, label: int | Sequence[int] | None = None, steps: int | None = None,
-             spacing: str | None = None, refine: int = 0) -> np.ndarray:
+  def invert(self, images: np.ndarray, *, label: int | Sequence[int] | None = None,
+             prompt: str | Sequence[str] | None = None, steps: int | None = None, spacing: str | None = None,
+             refine: int = 0) -> np.ndarray:
     """DDIM inversion: the initial noise [N, H, W, C] from which `decode` (DDIM, eta 0, no guidance, same
     steps and spacing) reproduces uint8 `images`. refine > 0 adds fixed-point iterations per step."""
     options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing)
@@ -98,12 +123,13 @@ class Pipeline:
     if np.asarray(images).dtype != np.uint8 or np.ndim(images) != 4 or np.shape(images)[1:] != expected:
       raise ValueError(f"images must be uint8 [N, {', '.join(map(str, expected))}], got "
                        f"{np.asarray(images).dtype} {np.shape(images)}")
-    labels = self._labels(label, len(images))
+    labels = self._cond(label, self._prompts(prompt, len(images)), len(images))
     return np.asarray(gen.invert_unet(self.params, self.schedule, uint8_to_model_range(np.asarray(images)), labels,
                                       model=self.model, prediction=self.config.diffusion.prediction,
                                       num_steps=options["num_steps"], spacing=options["spacing"], refine=refine))
 
-  def decode(self, noise: np.ndarray, *, label: int | Sequence[int] | None = None, steps: int | None = None,
+  def decode(self, noise: np.ndarray, *, label: int | Sequence[int] | None = None,
+             prompt: str | Sequence[str] | None = None, steps: int | None = None,
              spacing: str | None = None) -> np.ndarray:
     """uint8 images sampled deterministically (DDIM, eta 0, no guidance) from given initial noise."""
     options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing, guidance=1.0, eta=0.0)
@@ -114,7 +140,8 @@ class Pipeline:
       raise ValueError(f"noise must be float [N, {', '.join(map(str, expected))}], got {noise.dtype} {noise.shape}")
     if not np.all(np.isfinite(noise)):
       raise ValueError("noise holds NaN or infinite values")
-    return self._sample(noise.astype(np.float32), None, self._labels(label, len(noise)), options)
+    labels = self._cond(label, self._prompts(prompt, len(noise)), len(noise))
+    return self._sample(noise.astype(np.float32), None, labels, options)
 
   def _interpolation_labels(self, label, label_end, first: int, second: int) -> np.ndarray | None:
     if not self.config.model.num_classes:
@@ -125,7 +152,8 @@ class Pipeline:
 
   def _sampling_options(self, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
                         guidance: float | None = None, guidance_rescale: float = 0.0,
-                        negative_label: int | None = None, eta: float | None = None) -> dict:
+                        negative_label: int | None = None, negative_prompt: str | None = None,
+                        eta: float | None = None) -> dict:
     """The sampler's keyword arguments, defaults filled in from the config and every value checked."""
     sc = self.config.sampling
     sampler, spacing = sampler or sc.sampler, spacing or sc.spacing
@@ -137,6 +165,11 @@ class Pipeline:
     eta = sc.eta if eta is None else eta
     if not (np.isfinite(eta) and eta >= 0):
       raise ValueError(f"eta={eta} must be a finite number >= 0 (0 = deterministic)")
+    if self.config.model.context_dim:  # A text model's negative is token ids: the empty prompt's by default.
+      negative = self.config.text.tokenizer().encode(negative_prompt or "")[0]
+    elif negative_prompt is not None:
+      raise ValueError(f"negative_prompt={negative_prompt!r} given, but this model takes no text "
+                       "(config.model.context_dim=0)")
     return dict(sampler=sampler, num_steps=steps, spacing=spacing, guidance_rescale=guidance_rescale,
                 guidance_scale=self._check_guidance(sc.guidance_scale if guidance is None else guidance),
                 negative_label=negative, eta=eta)
@@ -154,10 +187,34 @@ class Pipeline:
       keys = jax.random.split(jax.random.key(0), len(noise))
     options = dict(options)
     negative = options.pop("negative_label")
-    negatives = None if negative is None else np.full(len(noise), negative, np.int32)
+    negatives = None if negative is None else np.broadcast_to(np.asarray(negative, np.int32),
+                                                              (len(noise),) + np.shape(negative))
     images = gen.sample_unet(self.model, self.params, self.schedule, noise, keys, labels=labels,
                              negative_labels=negatives, prediction=self.config.diffusion.prediction, **options)
     return model_range_to_uint8(images)
+
+  def _prompts(self, prompt, num: int) -> list[str] | None:
+    """A text model's prompt for each of `num` images (None: cycle through config.text.sample_prompts)."""
+    if not self.config.model.context_dim:
+      if prompt is not None:
+        raise ValueError(f"prompt={prompt!r} given, but this model takes no text (config.model.context_dim=0): "
+                         "use label=...")
+      return None
+    if prompt is None:
+      cycle = self.config.text.sample_prompts or ("",)
+      return [cycle[i % len(cycle)] for i in range(num)]
+    prompts = [prompt] * num if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != num:
+      raise ValueError(f"got {len(prompts)} prompts for {num} images: give one prompt, or one per image")
+    return prompts
+
+  def _cond(self, label, prompts: list[str] | None, num: int) -> np.ndarray | None:
+    """The condition of each image: class labels [N], a text model's prompt token ids [N, L], or None."""
+    if prompts is None:
+      return self._labels(label, num)
+    if label is not None:
+      raise ValueError(f"label={label!r} given, but this is a text-to-image model: pass prompt=... instead")
+    return self.config.text.tokenizer().encode(prompts)
 
   def _labels(self, label, num: int) -> np.ndarray | None:
     num_classes = self.config.model.num_classes
@@ -174,10 +231,11 @@ class Pipeline:
   def _check_guidance(self, guidance: float) -> float:
     if not (np.isfinite(guidance) and guidance >= 0):
       raise ValueError(f"guidance={guidance} must be a finite number >= 0 (1 = no guidance)")
-    if guidance != 1.0 and not self.config.model.num_classes:
+    conditional = self.config.model.num_classes or self.config.model.context_dim
+    if guidance != 1.0 and not conditional:
       raise ValueError(f"guidance={guidance} needs a class-conditional model; this one is unconditional: "
                        "use guidance=1")
-    return float(guidance) if self.config.model.num_classes else 1.0
+    return float(guidance) if conditional else 1.0
 
   def _check_sampler(self, sampler: str, steps: int, spacing: str) -> None:
     if sampler not in samplers.SAMPLERS:

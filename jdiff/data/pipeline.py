@@ -1,6 +1,8 @@
 """The training input pipeline: `DataConfig` -> an endless, deterministic, resumable iterator of numpy batches.
 
-Each batch is {"image": float32 [B, S, S, C] in [-1, 1], "label": int32 [B]} with B = batch_size // process_count:
+Each batch is {"image": float32 [B, S, S, C] in [-1, 1], "label": int32 [B]} with B = batch_size // process_count,
+plus "caption": str [B] when asked for captions (the dataset's 'caption' feature, or else the label's class name
+put into `caption_template`):
 every process reads only its own shard of the split (`tfds.even_splits`), so the processes' batches together
 form the global batch and are disjoint within a step.
 
@@ -41,6 +43,8 @@ class DataConfig:
   random_flip: mirror half the images left-right (leave off for digits, whose mirror images are not digits).
   data_dir: the TFDS data dir; None uses TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets).
   shuffle_buffer: the tf.data shuffle buffer of streamed datasets (in-memory ones are fully shuffled each epoch).
+  caption_template: for text-to-image training on a dataset without a 'caption' feature, each caption is this
+    template with "{label}" replaced by the class name (e.g. "a photo of a {label}"; digits' names are "0".."9").
   """
   name: str = "sklearn_digits"
   split: str = "train"
@@ -48,6 +52,7 @@ class DataConfig:
   random_flip: bool = False
   data_dir: str | None = None
   shuffle_buffer: int = 10_000
+  caption_template: str = "{label}"
 
   def __post_init__(self):
     _check(_is_nonempty_str(self.name), "name", "a TFDS dataset name such as 'sklearn_digits', 'mnist' or 'cifar10'",
@@ -58,6 +63,8 @@ class DataConfig:
     _check(self.data_dir is None or _is_nonempty_str(self.data_dir), "data_dir", "None or a directory path",
            self.data_dir)
     _check(_is_positive_int(self.shuffle_buffer), "shuffle_buffer", "a positive int", self.shuffle_buffer)
+    _check(isinstance(self.caption_template, str) and "{label}" in self.caption_template, "caption_template",
+           "a string containing '{label}'", self.caption_template)
 
 
 def _check(ok: bool, field: str, allowed: str, value) -> None:
@@ -111,7 +118,7 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
 
 
 def make_train_iterator(config: DataConfig, batch_size: int, seed: int, *, process_index: int = 0,
-                        process_count: int = 1, start_step: int = 0) -> Iterator[Batch]:
+                        process_count: int = 1, start_step: int = 0, captions: bool = False) -> Iterator[Batch]:
   """Endless batches of this process's shard of `config.split`, the first one being step `start_step`.
 
   Args:
@@ -121,6 +128,7 @@ def make_train_iterator(config: DataConfig, batch_size: int, seed: int, *, proce
     process_index, process_count: this process and how many there are (jax.process_index(), jax.process_count()).
     start_step: the step to resume at: the iterator yields what an uninterrupted one yields from its
       start_step-th batch on.
+    captions: also yield "caption", str [B] (for text-to-image training).
 
   Raises:
     DatasetUnavailableError: the dataset is unknown, or not prepared and not downloadable here.
@@ -137,13 +145,23 @@ def make_train_iterator(config: DataConfig, batch_size: int, seed: int, *, proce
   _check_split(builder, config.split)
   shard = tfds.even_splits(config.split, process_count)[process_index] if process_count > 1 else config.split
   stream = (seed, process_index)
+  template = config.caption_template if captions else None
   if not _fits_in_memory(builder, config):
-    return _streamed_batches(builder, shard, config, local_batch, stream, start_step)
-  images, labels = _load_split(builder, shard, config.image_size)
+    return _streamed_batches(builder, shard, config, local_batch, stream, start_step, template)
+  images, labels, texts = _load_split(builder, shard, config.image_size, template)
   if len(images) < local_batch:
     raise ValueError(f"The per-process batch ({local_batch}) is larger than this process's shard of the split "
                      f"({len(images)} examples): use a smaller batch_size or fewer processes")
-  return _in_memory_batches(images, labels, local_batch, config.random_flip, stream, start_step)
+  return _in_memory_batches(images, labels, local_batch, config.random_flip, stream, start_step, texts)
+
+
+def class_captions(builder, template: str) -> np.ndarray:
+  """The caption of each class, indexed by label: `template` with "{label}" replaced by the class name."""
+  return np.array([template.replace("{label}", name) for name in builder.info.features["label"].names], object)
+
+
+def _decode_captions(raw: np.ndarray) -> np.ndarray:
+  return np.array([text.decode() if isinstance(text, bytes) else text for text in raw], object)
 
 
 def _check_split(builder, split: str) -> None:
@@ -162,45 +180,62 @@ def _fits_in_memory(builder, config: DataConfig) -> bool:
   return builder.info.splits[config.split].num_examples * pixels * channels <= IN_MEMORY_LIMIT_BYTES
 
 
-def _load_split(builder, split, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """A whole prepared split in memory: uint8 images [N, S, S, C] resized to image_size, int32 labels [N]."""
+def _load_split(builder, split, image_size: int,
+                template: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """A whole prepared split in memory: uint8 images [N, S, S, C] resized to image_size, int32 labels [N], and
+  with a caption `template`, captions str [N]: the dataset's own, or else the class captions (otherwise None)."""
   arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-  return resize_images(arrays["image"], image_size), arrays["label"].astype(np.int32)
+  labels = arrays["label"].astype(np.int32)
+  texts = None
+  if template is not None:
+    texts = _decode_captions(arrays["caption"]) if "caption" in arrays else class_captions(builder, template)[labels]
+  return resize_images(arrays["image"], image_size), labels, texts
 
 
 def _rng(stream: tuple[int, int], purpose: int, counter: int) -> np.random.Generator:
   return np.random.default_rng([*stream, purpose, counter])
 
 
-def _in_memory_batches(images, labels, local_batch, random_flip, stream, start_step) -> Iterator[Batch]:
+def _in_memory_batches(images, labels, local_batch, random_flip, stream, start_step, texts=None) -> Iterator[Batch]:
   steps_per_epoch = len(images) // local_batch
   first_epoch, first_position = divmod(start_step, steps_per_epoch)
   for epoch in itertools.count(first_epoch):
     order = _rng(stream, _SHUFFLE, epoch).permutation(len(images))
     for position in range(first_position if epoch == first_epoch else 0, steps_per_epoch):
       index = order[position * local_batch:(position + 1) * local_batch]
-      yield _finish(images[index], labels[index], random_flip, stream, epoch * steps_per_epoch + position)
+      yield _finish(images[index], labels[index], random_flip, stream, epoch * steps_per_epoch + position,
+                    None if texts is None else texts[index])
 
 
-def _streamed_batches(builder, split, config: DataConfig, local_batch, stream, start_step) -> Iterator[Batch]:
+def _streamed_batches(builder, split, config: DataConfig, local_batch, stream, start_step,
+                      template: str | None = None) -> Iterator[Batch]:
   tf = tensorflow()
+  own_captions = "caption" in builder.info.features
+  table = None if template is None or own_captions else tf.constant(class_captions(builder, template).astype(str))
 
   def resized(example):
     image = example["image"]
     if image.shape[:2] != (config.image_size, config.image_size):
       image = resize_uint8_tf(image, config.image_size)
-    return image, tf.cast(example["label"], tf.int32)
+    label = tf.cast(example["label"], tf.int32)
+    if template is None:
+      return image, label
+    return image, label, example["caption"] if own_captions else tf.gather(table, label)
 
   shuffle_seed = int(_rng(stream, _SHUFFLE, 0).integers(2**31))
   data = builder.as_dataset(split=split, shuffle_files=False)
   data = data.map(resized, num_parallel_calls=tf.data.AUTOTUNE)
   data = data.shuffle(config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
   data = data.batch(local_batch, drop_remainder=True).skip(start_step).prefetch(tf.data.AUTOTUNE)
-  for step, (images, labels) in enumerate(tfds.as_numpy(data), start=start_step):
-    yield _finish(images, labels, config.random_flip, stream, step)
+  for step, (images, labels, *texts) in enumerate(tfds.as_numpy(data), start=start_step):
+    yield _finish(images, labels, config.random_flip, stream, step, _decode_captions(texts[0]) if texts else None)
 
 
-def _finish(images: np.ndarray, labels: np.ndarray, random_flip: bool, stream, step: int) -> Batch:
+def _finish(images: np.ndarray, labels: np.ndarray, random_flip: bool, stream, step: int,
+            texts: np.ndarray | None = None) -> Batch:
   if random_flip:
     images = random_horizontal_flip(images, _rng(stream, _FLIP, step))
-  return {"image": uint8_to_model_range(images), "label": labels}
+  batch = {"image": uint8_to_model_range(images), "label": labels}
+  if texts is not None:
+    batch["caption"] = texts
+  return batch

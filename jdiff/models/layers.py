@@ -143,3 +143,52 @@ class Upsample(nn.Module):
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
     return conv3x3(c, self.dtype, "conv")(x)
+
+
+class CrossAttention(nn.Module):
+  """Multi-head attention from x [B, N, C] to context [B, M, D] (None: to x itself); bias-free q/k/v as in
+  Stable Diffusion, a biased output projection."""
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    context = x if context is None else context.astype(self.dtype)
+    b, n, c = x.shape
+    heads = lambda inputs, name: nn.Dense(c, use_bias=False, dtype=self.dtype, kernel_init=default_init,
+                                          name=name)(inputs).reshape(b, inputs.shape[1], self.num_heads, -1)
+    h = jax.nn.dot_product_attention(heads(x, "to_q"), heads(context, "to_k"), heads(context, "to_v"))
+    return dense(c, self.dtype, "to_out")(h.reshape(b, n, c))
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LayerNorm self-attention, cross-attention to the context, and a GEGLU feed-forward, each residual."""
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)(x).astype(self.dtype)
+    x = x + CrossAttention(self.num_heads, self.dtype, name="attn1")(norm("norm1"))
+    x = x + CrossAttention(self.num_heads, self.dtype, name="attn2")(norm("norm2"), context)
+    c = x.shape[-1]
+    hidden, gate = jnp.split(dense(8 * c, self.dtype, "ff_proj")(norm("norm3")), 2, axis=-1)
+    return x + dense(c, self.dtype, "ff_out")(hidden * nn.gelu(gate, approximate=False))
+
+
+class SpatialTransformer(nn.Module):
+  """Stable Diffusion's Transformer2DModel: group norm, a linear projection in, `depth` TransformerBlocks over the
+  H*W positions attending to the context, a zero-initialised linear projection out, and a residual."""
+  num_heads: int
+  depth: int
+  groups: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    b, height, width, c = x.shape
+    h = nn.GroupNorm(num_groups=self.groups, epsilon=1e-6, dtype=jnp.float32, name="norm")(x).astype(self.dtype)
+    h = dense(c, self.dtype, "proj_in")(h).reshape(b, height * width, c)
+    for i in range(self.depth):
+      h = TransformerBlock(self.num_heads, self.dtype, name=f"transformer_blocks_{i}")(h, context)
+    return x + dense(c, self.dtype, "proj_out", zero=True)(h).reshape(b, height, width, c)

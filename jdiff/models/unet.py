@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdiff.models.layers import (AttentionBlock, Downsample, ResBlock, TimeEmbedding, Upsample, conv3x3,
-                                 group_norm)
+from jdiff.models.layers import (AttentionBlock, Downsample, ResBlock, SpatialTransformer, TimeEmbedding, Upsample,
+                                 conv3x3, group_norm)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -34,6 +34,10 @@ class UNetConfig:
   scale_shift: bool = True
   norm_groups: int = 32
   dtype: str = "float32"
+  # Text conditioning: context_dim > 0 puts a SpatialTransformer (self-attention, cross-attention to a context
+  # [B, M, context_dim], feed-forward; transformer_depth blocks) wherever the U-Net would self-attend.
+  context_dim: int = 0
+  transformer_depth: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -54,13 +58,17 @@ class UNetConfig:
     return tuple(self.channels * mult for mult in self.channel_mults)
 
   def _validate(self):
-    for name in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "norm_groups"):
+    for name in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "norm_groups",
+                 "transformer_depth"):
       _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
     _require(self.out_channels is None or self.out_channels > 0, "out_channels", self.out_channels,
              "None or a positive integer")
     _require(len(self.channel_mults) > 0 and all(m > 0 for m in self.channel_mults), "channel_mults",
              self.channel_mults, "a non-empty tuple of positive integers")
     _require(self.num_classes >= 0, "num_classes", self.num_classes, "0 (unconditional) or a positive integer")
+    _require(self.context_dim >= 0, "context_dim", self.context_dim, "0 (no text) or the text encoder's width")
+    _require(not (self.context_dim and self.num_classes), "num_classes", self.num_classes,
+             "0 when context_dim > 0: a model is conditioned on class labels or on text, not both")
     _require(0 <= self.dropout < 1, "dropout", self.dropout, "a rate in [0, 1)")
     _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
     levels = len(self.channel_mults)
@@ -97,16 +105,24 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None, *,
-               train: bool = False) -> jax.Array:
-    """x [B,H,W,C], t float [B] or scalar, labels int [B] or None (all null; ignored when num_classes == 0)."""
+               context: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """x [B,H,W,C], t float [B] or scalar, labels int [B] or None (all null; ignored when num_classes == 0),
+    context [B, M, context_dim] for a text-conditional U-Net (context_dim > 0)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     emb = self._embedding(jnp.broadcast_to(t, x.shape[:1]), labels)
-    res_block, attention_block = ResBlock, AttentionBlock
+    res_block, attention_block, transformer = ResBlock, AttentionBlock, SpatialTransformer
     if self.remat:
       res_block, attention_block = nn.remat(ResBlock, static_argnums=(3,)), nn.remat(AttentionBlock)
+      transformer = nn.remat(SpatialTransformer)
     block = lambda features, name: res_block(features, cfg.norm_groups, cfg.dropout, cfg.scale_shift, dtype, name=name)
     attend = lambda h, name: attention_block(cfg.num_heads, cfg.norm_groups, dtype, name=name)(h)
+    if cfg.context_dim:
+      if context is None or context.shape[-1] != cfg.context_dim:
+        raise ValueError(f"this U-Net cross-attends to a context [B, M, {cfg.context_dim}]; got "
+                         f"{None if context is None else context.shape}")
+      attend = lambda h, name: transformer(cfg.num_heads, cfg.transformer_depth, cfg.norm_groups, dtype,
+                                           name=name)(h, context)
     last = len(cfg.level_channels) - 1
 
     h = conv3x3(cfg.channels, dtype, "conv_in")(x)

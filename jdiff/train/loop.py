@@ -85,11 +85,21 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
 
 def _open_data(config: Config, start: int):
   try:
-    return data.make_train_iterator(config.data, config.training.batch_size, config.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    start_step=start)
+    iterator = data.make_train_iterator(config.data, config.training.batch_size, config.seed,
+                                        process_index=jax.process_index(), process_count=jax.process_count(),
+                                        start_step=start, captions=bool(config.model.context_dim))
   except ValueError as e:  # By its contract: a bad split, batch size or process layout.
     raise ConfigError(f"config.data: {e}") from None
+  if config.model.context_dim:
+    iterator = map(functools.partial(tokenize_captions, config.text.tokenizer()), iterator)
+  return iterator
+
+
+def tokenize_captions(tokenizer, batch: dict) -> dict:
+  """The batch with its "caption" strings replaced by "tokens", int32 ids [B, max_length]."""
+  batch = dict(batch)
+  batch["tokens"] = tokenizer.encode(batch.pop("caption"))
+  return batch
 
 
 def _restore_or_init(config: Config, raw: dict, manager, state_sharding, step: int) -> TrainState:
@@ -136,10 +146,16 @@ def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str,
   sc, num_classes = config.sampling, config.model.num_classes
   seeds = np.arange(sc.num_samples)
   labels = seeds % num_classes if num_classes else None
+  negatives = None
+  if config.model.context_dim:  # One column per prompt of config.text.sample_prompts (none: the empty prompt).
+    prompts = config.text.sample_prompts or ("",)
+    num_classes = len(prompts)
+    labels = config.text.tokenizer().encode([prompts[i % num_classes] for i in seeds])
+    negatives = config.text.tokenizer().encode("")
   params = state.ema_params if mesh is None else sharding.local_copy(state.ema_params, mesh)
   images = generate.generate(make_model(config), params, schedule, seeds=seeds, labels=labels,
-                             prediction=config.diffusion.prediction, sampler=sc.sampler, num_steps=sc.num_steps,
-                             spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
+                             negative_labels=negatives, prediction=config.diffusion.prediction, sampler=sc.sampler,
+                             num_steps=sc.num_steps, spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
   columns = num_classes if num_classes and sc.num_samples % num_classes == 0 else None
   grid = generate.make_grid(data.model_range_to_uint8(images), columns=columns)
   writer.write_images(step, {"samples": grid[None]})

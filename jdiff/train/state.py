@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jdiff.config import Config, TrainingConfig
+from jdiff.models.text import TextToImageUNet
 from jdiff.models.unet import UNet
 
 
@@ -41,14 +42,21 @@ def ema_decay_at(step: jax.Array, cfg: TrainingConfig) -> jax.Array:
   return jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def make_model(config: Config) -> UNet:
-  return UNet(config.model, remat=config.training.remat)
+def make_model(config: Config) -> UNet | TextToImageUNet:
+  """The U-Net; with config.model.context_dim > 0, the U-Net and its text encoder (token ids for labels)."""
+  remat = config.training.remat
+  if config.model.context_dim:
+    return TextToImageUNet(config.model, config.text.encoder_config(config.model.dtype), config.text.trainable,
+                           remat=remat)
+  return UNet(config.model, remat=remat)
 
 
-def init_params(model: UNet, rng: jax.Array):
+def init_params(model: UNet | TextToImageUNet, rng: jax.Array):
   mc = model.config
   x = jnp.zeros((1, mc.image_size, mc.image_size, mc.in_channels), jnp.float32)
   labels = jnp.zeros((1,), jnp.int32) if mc.num_classes else None
+  if isinstance(model, TextToImageUNet):
+    labels = jnp.zeros((1, model.text.max_length), jnp.int32)
   return model.init({"params": rng}, x, jnp.zeros((1,), jnp.float32), labels)["params"]
 
 

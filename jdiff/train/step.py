@@ -18,8 +18,17 @@ def drop_labels(rng: jax.Array, labels: jax.Array, num_classes: int, rate: float
   return jnp.where(jax.random.uniform(rng, labels.shape) < rate, num_classes, labels)
 
 
+def drop_captions(rng: jax.Array, ids: jax.Array, empty_ids: jax.Array, rate: float) -> jax.Array:
+  """Replaces a `rate` share of token-id rows [B, L] by the empty prompt's ids [L], for classifier-free guidance."""
+  if rate == 0.0:
+    return ids
+  return jnp.where(jax.random.uniform(rng, ids.shape[:1])[:, None] < rate, empty_ids, ids)
+
+
 def training_draws(rng: jax.Array, batch: dict, config: Config) -> tuple[dict, jax.Array]:
-  """Per-example timesteps `t`, `noise` and (dropped-out) `labels` for the whole batch, and the dropout key."""
+  """Per-example timesteps `t`, `noise` and the conditioning `labels` (class labels, or caption token ids for a
+  text-to-image model, some replaced by the null class or the empty prompt) for the whole batch, and the dropout
+  key."""
   dc = config.diffusion
   x0 = batch["image"]
   k_t, k_noise, k_labels, k_dropout = jax.random.split(rng, 4)
@@ -27,6 +36,9 @@ def training_draws(rng: jax.Array, batch: dict, config: Config) -> tuple[dict, j
            "noise": jax.random.normal(k_noise, x0.shape, jnp.float32)}
   if config.model.num_classes:
     draws["labels"] = drop_labels(k_labels, batch["label"], config.model.num_classes, dc.label_dropout)
+  if config.model.context_dim:
+    empty = jnp.asarray(config.text.tokenizer().encode("")[0])
+    draws["labels"] = drop_captions(k_labels, batch["tokens"], empty, config.text.caption_dropout)
   return draws, k_dropout
 
 
