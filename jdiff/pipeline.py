@@ -21,7 +21,7 @@ from jdiff.config import Config, parse_config
 from jdiff.data import model_range_to_uint8, uint8_to_model_range
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule, make_schedule
-from jdiff.train import checkpoint
+from jdiff.train import checkpoint, latent
 from jdiff.train.state import abstract_train_state, make_model
 
 
@@ -37,6 +37,7 @@ class Pipeline:
   config: Config
   params: dict
   step: int
+  codec: latent.LatentCodec | None = None  # a latent diffusion model's VAE: samples are decoded with it
 
   @functools.cached_property
   def model(self) -> UNet:
@@ -88,12 +89,14 @@ class Pipeline:
     steps and spacing) reproduces uint8 `images`. refine > 0 adds fixed-point iterations per step."""
     options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing)
     labels = self._labels(label, len(images))
-    mc = self.config.model
-    expected = (mc.image_size, mc.image_size, mc.in_channels)
+    expected = self.image_shape
     if np.asarray(images).dtype != np.uint8 or np.shape(images)[1:] != expected:
       raise ValueError(f"images must be uint8 [N, {', '.join(map(str, expected))}], got "
                        f"{np.asarray(images).dtype} {np.shape(images)}")
-    return np.asarray(gen.invert_unet(self.params, self.schedule, uint8_to_model_range(np.asarray(images)), labels,
+    x0 = uint8_to_model_range(np.asarray(images))
+    if self.codec:
+      x0 = self.codec.encode(x0)  # the posterior mean; the returned noise is latent-shaped
+    return np.asarray(gen.invert_unet(self.params, self.schedule, x0, labels,
                                       model=self.model, prediction=self.config.diffusion.prediction,
                                       num_steps=options["num_steps"], spacing=options["spacing"], refine=refine))
 
@@ -141,7 +144,18 @@ class Pipeline:
     negatives = None if negative is None else np.full(len(noise), negative, np.int32)
     images = gen.sample_unet(self.model, self.params, self.schedule, noise, keys, labels=labels,
                              negative_labels=negatives, prediction=self.config.diffusion.prediction, **options)
+    if self.codec:
+      images = self.codec.decode(images)
     return model_range_to_uint8(images)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the images this model generates (for a latent model, what its VAE decodes to)."""
+    if self.codec:
+      size = self.config.model.image_size * self.codec.vae.downsample_factor
+      return (size, size, self.codec.vae.in_channels)
+    mc = self.config.model
+    return (mc.image_size, mc.image_size, mc.in_channels)
 
   def _labels(self, label, num: int) -> np.ndarray | None:
     num_classes = self.config.model.num_classes
@@ -192,4 +206,5 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                     abstract_train_state(config))
   state = checkpoint.restore_state(manager, step, abstract)
-  return Pipeline(config=config, params=state.ema_params if ema else state.params, step=step)
+  codec = latent.load_codec(config) if config.latent.enabled else None
+  return Pipeline(config=config, params=state.ema_params if ema else state.params, step=step, codec=codec)

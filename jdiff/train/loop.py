@@ -16,7 +16,7 @@ from clu import metric_writers, periodic_actions
 from jdiff import data, generate
 from jdiff.config import Config, ConfigError, parse_config
 from jdiff.schedules import make_schedule
-from jdiff.train import checkpoint, sharding
+from jdiff.train import checkpoint, latent, sharding
 from jdiff.train.state import TrainState, abstract_train_state, create_train_state, make_model, param_count
 from jdiff.train.step import train_step
 
@@ -35,6 +35,11 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   iterator = data.make_train_iterator(config.data, config.training.batch_size, config.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       start_step=start)
+  codec = encode = None
+  if config.latent.enabled:
+    codec, raw = latent.prepare_latents(config, raw, workdir, start)
+    config = parse_config(raw)
+    encode = latent.make_batch_encoder(codec, mesh, config.seed)
   manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints)
   state = _restore_or_init(config, raw, manager, mesh, start)
   logging.info("U-Net with %d parameters; training steps %d..%d on %d device(s)",
@@ -53,6 +58,8 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   with metric_writers.ensure_flushes(writer):
     for step in range(start, tc.num_steps):
       batch = sharding.global_batch(next(iterator), mesh)
+      if encode:
+        batch = encode(batch, step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = step_fn(state, batch, rng, schedule)
       history.append(metrics)
@@ -64,7 +71,7 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
       if done % tc.checkpoint_every == 0 or done == tc.num_steps:
         checkpoint.save(manager, done, state, raw)
       if (tc.sample_every and done % tc.sample_every == 0) or done == tc.num_steps:
-        write_sample_grid(config, state, schedule, workdir, done, writer)
+        write_sample_grid(config, state, schedule, workdir, done, writer, codec)
   manager.wait_until_finished()
   return state
 
@@ -81,10 +88,10 @@ def _restore_or_init(config: Config, raw: dict, manager, mesh, step: int) -> Tra
   return checkpoint.restore_state(manager, step, abstract)
 
 
-def check_resumable(saved: dict, current: dict) -> None:
-  """Refuses to resume a checkpoint whose model or diffusion settings differ from the config's."""
+def check_resumable(saved: dict, current: dict, sections=RESUME_SECTIONS) -> None:
+  """Refuses to resume a checkpoint whose model or diffusion settings (or other `sections`) differ from the config's."""
   diffs = []
-  for section in RESUME_SECTIONS:
+  for section in sections:
     before, now = saved.get(section, {}), current.get(section, {})
     for key in sorted(set(before) | set(now)):
       if _normalise(before.get(key)) != _normalise(now.get(key)):
@@ -98,14 +105,18 @@ def _normalise(value):
   return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str, step: int, writer) -> None:
-  """Samples with the EMA params and the config's sampling settings; logs the grid and writes it as PNG."""
+def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str, step: int, writer,
+                      codec: latent.LatentCodec | None = None) -> None:
+  """Samples with the EMA params and the config's sampling settings (decoding latents with `codec`, if given);
+  logs the grid and writes it as PNG."""
   sc, num_classes = config.sampling, config.model.num_classes
   seeds = np.arange(sc.num_samples)
   labels = seeds % num_classes if num_classes else None
   images = generate.generate(make_model(config), state.ema_params, schedule, seeds=seeds, labels=labels,
                              prediction=config.diffusion.prediction, sampler=sc.sampler, num_steps=sc.num_steps,
                              spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
+  if codec:
+    images = codec.decode(images)
   columns = num_classes if num_classes and sc.num_samples % num_classes == 0 else None
   grid = generate.make_grid(data.model_range_to_uint8(images), columns=columns)
   writer.write_images(step, {"samples": grid[None]})
