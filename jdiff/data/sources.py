@@ -1,9 +1,9 @@
 """Finding and preparing TFDS datasets, failing fast and clearly when one cannot be had offline.
 
-A dataset that is not prepared in the data dir is built: `sklearn_digits` from what scikit-learn ships, any other
-by TFDS's own download. TFDS retries a failing download for minutes (about 200 s with no DNS), so before that this
-module checks in a few seconds that the internet (TFDS's storage host, or the configured HTTPS proxy) is reachable,
-and raises `DatasetUnavailableError` with the fix when it is not.
+A dataset that is not prepared in the data dir is built: `sklearn_digits` from what scikit-learn ships, `shapes` by
+drawing it, any other by TFDS's own download. TFDS retries a failing download for minutes (about 200 s with no DNS),
+so before that this module checks in a few seconds that the internet (TFDS's storage host, or the configured HTTPS
+proxy) is reachable, and raises `DatasetUnavailableError` with the fix when it is not.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import urllib.request
 
 import tensorflow_datasets as tfds
 
-from jdiff.data import digits  # noqa: F401  (importing it registers the `sklearn_digits` builder)
+from jdiff.data import digits, shapes  # noqa: F401  (importing them registers `sklearn_digits` and `shapes`)
 from jdiff.data.tf_import import tensorflow
 
-OFFLINE_DATASETS = ("sklearn_digits",)
+OFFLINE_DATASETS = ("sklearn_digits", "shapes")
 PROBE_HOST = ("storage.googleapis.com", 443)
 PROBE_TIMEOUT_S = 3.0
 

@@ -1,0 +1,95 @@
+"""The offline captioned `shapes` dataset: determinism, held-out pairs, captions, drawn areas, TFDS and the pipeline."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jdiff.data import DataConfig, dataset_info, make_train_iterator, shapes, shapes_examples, shapes_split, sources
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  sources.prepare(sources.get_builder("shapes", path))
+  return path
+
+
+def test_same_seed_same_examples_other_seed_other_examples():
+  first, again, other = (shapes_examples(50, seed) for seed in (3, 3, 4))
+  for key in first:
+    np.testing.assert_array_equal(first[key], again[key])
+  assert not np.array_equal(first["image"], other["image"])
+
+
+def test_held_out_pairs_only_in_heldout_split():
+  held = set(shapes.held_out_labels())
+  assert len(held) == 3
+  train = shapes_split("train")
+  assert set(train["label"].tolist()) == set(range(18)) - held
+  assert not held & set(shapes_split("test")["label"].tolist())
+  assert set(shapes_split("heldout")["label"].tolist()) == held
+  # Each held-out pair's colour and shape both occur in train, only not together.
+  for colour, shape in shapes.HELD_OUT_PAIRS:
+    assert (train["colour"] == shapes.COLOURS.index(colour)).any() and (train["shape"] == shapes.SHAPES.index(shape)).any()
+
+
+def test_captions_name_the_attributes():
+  examples = shapes_examples(400, seed=0)
+  kinds = set()
+  for i, text in enumerate(examples["caption"]):
+    colour, shape = shapes.COLOURS[examples["colour"][i]], shapes.SHAPES[examples["shape"][i]]
+    size, position = shapes.SIZES[examples["size"][i]], shapes.POSITIONS[examples["position"][i]]
+    assert f"{colour} {shape}" in text and text.startswith("a ")
+    has_size, has_position = text.startswith(f"a {size} "), text.endswith(position)
+    assert text == shapes.caption(examples["colour"][i], examples["shape"][i], examples["size"][i] if has_size else None,
+                                  examples["position"][i] if has_position else None)
+    kinds.add((has_size, has_position))
+    assert examples["label"][i] == shapes.pair_label(examples["colour"][i], examples["shape"][i])
+  assert kinds == {(True, True), (True, False), (False, True), (False, False)}
+  assert shapes.caption(0, 2, 1, 0) == "a large red triangle at the top left"
+  assert shapes.caption(3, 1, None, 4) == "a yellow square in the center"
+
+
+@pytest.mark.parametrize("shape, area", [(0, np.pi), (1, 4.0), (2, 2.0)])  # area / half_extent**2
+def test_drawn_area_and_colour_match_the_shape(shape, area):
+  size, half, level = 256, 0.25, 20.0
+  rgb = np.array([[200.0, 100.0, 50.0]])
+  image = shapes.render(np.array([shape]), np.array([[0.5, 0.5]]), np.array([half]), rgb, np.array([level]), size)[0]
+  coverage = (image[..., 0].astype(np.float64) - level) / (rgb[0, 0] - level)
+  np.testing.assert_allclose(coverage.sum() / (half * size)**2, area, rtol=2e-3)
+  np.testing.assert_array_equal(image[size // 2, size // 2], [200, 100, 50])
+  np.testing.assert_array_equal(image[2, 2], [20, 20, 20])
+
+
+def test_triangle_points_up():
+  image = shapes.render(np.array([2]), np.array([[0.5, 0.5]]), np.array([0.3]), np.array([[255.0, 255, 255]]),
+                        np.array([0.0]), 64)[0, ..., 0]
+  widths = (image > 127).sum(axis=1)
+  rows = np.flatnonzero(widths)
+  assert widths[rows[0]] <= 2 and widths[rows[-1]] >= 36 and np.all(np.diff(widths[rows]) >= 0)
+
+
+def test_thousands_of_examples_in_seconds():
+  import time
+  start = time.perf_counter()
+  examples = shapes_examples(2000, seed=1)
+  assert time.perf_counter() - start < 5.0
+  assert examples["image"].shape == (2000, 32, 32, 3) and examples["image"].dtype == np.uint8
+
+
+def test_builder_stores_the_drawn_splits(data_dir):
+  builder = tfds.builder("shapes", data_dir=data_dir)
+  assert {name: split.num_examples for name, split in builder.info.splits.items()} == shapes.SPLIT_SIZES
+  stored = tfds.as_numpy(builder.as_dataset(split="heldout", batch_size=-1, shuffle_files=False))
+  expected = shapes_split("heldout")
+  # TFDS stores the examples in its own (fixed) order.
+  keys = lambda images, captions: sorted(zip((i.tobytes() for i in images), captions))
+  assert keys(stored["image"], [c.decode() for c in stored["caption"]]) == keys(expected["image"], expected["caption"])
+  assert builder.info.features["label"].names[:2] == ["red circle", "red square"]
+
+
+def test_train_iterator_serves_shapes(data_dir):
+  config = DataConfig(name="shapes", image_size=16, data_dir=data_dir)
+  assert dataset_info(config).image_shape == (16, 16, 3) and dataset_info(config).num_classes == 18
+  batch = next(make_train_iterator(config, 32, seed=0))
+  assert batch["image"].shape == (32, 16, 16, 3) and -1 <= batch["image"].min() and batch["image"].max() <= 1
+  assert not set(batch["label"].tolist()) & set(shapes.held_out_labels())
