@@ -4,6 +4,9 @@
     pipe = jdiff.load("runs/default")
     samples = pipe.generate(num=20, label=3, sampler="ddim", steps=20, guidance=3.0, seed=0)
     samples.images  # uint8 [20, 16, 16, 1]
+
+A latent diffusion work dir (config.latent) samples latents and decodes them with its VAE: the same calls
+return images.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import numpy as np
 
 from jdiff import generate as gen
 from jdiff import samplers
-from jdiff.config import Config, parse_config
+from jdiff.config import Config, ConfigError, is_vae_config, parse_config
 from jdiff.data import model_range_to_uint8, uint8_to_model_range
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule, make_schedule
@@ -201,7 +204,11 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}; available steps: "
                             f"{', '.join(map(str, sorted(steps)))}")
-  config = parse_config(checkpoint.restore_config(manager, step))
+  raw = checkpoint.restore_config(manager, step)
+  if is_vae_config(raw):
+    raise ConfigError(f"work dir {workdir!r} holds a VAE, not a diffusion model: sample from a latent diffusion "
+                      "work dir that uses it, or measure it with bench/vae_psnr.py")
+  config = parse_config(raw)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                     abstract_train_state(config))

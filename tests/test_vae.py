@@ -1,4 +1,5 @@
 """The VAE (shapes, SD-1.5 size, KL, training) and latent diffusion end to end on tiny configs."""
+import dataclasses
 import functools
 import json
 import os
@@ -11,7 +12,9 @@ from ml_collections import ConfigDict
 
 import jdiff
 from configs import tiny, vae_digits, vae_sd15
+from jdiff import data
 from jdiff.config import ConfigError, parse_config, parse_vae_config
+from jdiff.data import DataConfig
 from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, init_vae_params, vae_param_count
 from jdiff.train import latent
 from jdiff.train.loop import train_and_evaluate
@@ -71,17 +74,17 @@ def test_vae_shapes_and_config_errors():
 
 
 def test_kl_closed_form_matches_monte_carlo():
-  k_mean, k_logvar, k_z = jax.random.split(jax.random.key(0), 3)
-  mean = jax.random.normal(k_mean, (2, 3, 3, 2))
-  logvar = jax.random.uniform(k_logvar, (2, 3, 3, 2), minval=-2.0, maxval=1.0)
-  q = DiagonalGaussian(mean=mean, logvar=logvar)
-  n = 200_000
-  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, (n, *mean.shape))
-  log_q = -0.5 * (jnp.square(z - mean) / jnp.exp(logvar) + logvar)  # the 2*pi terms of q and p cancel
-  log_p = -0.5 * jnp.square(z)
-  samples = jnp.sum(log_q - log_p, axis=(2, 3, 4))  # [n, batch]
-  monte_carlo, stderr = jnp.mean(samples, axis=0), jnp.std(samples, axis=0) / np.sqrt(n)
-  np.testing.assert_array_less(jnp.abs(monte_carlo - q.kl()), 4 * stderr)
+  rng = np.random.default_rng(0)
+  mean = rng.normal(size=(2, 3, 3, 2)).astype(np.float32)
+  logvar = rng.uniform(-2.0, 1.0, size=(2, 3, 3, 2)).astype(np.float32)
+  closed_form = np.asarray(DiagonalGaussian(mean=jnp.asarray(mean), logvar=jnp.asarray(logvar)).kl())
+  n = 100_000
+  z = mean + np.exp(0.5 * logvar) * rng.normal(size=(n, *mean.shape))
+  log_q = -0.5 * (np.square(z - mean) / np.exp(logvar) + logvar)  # the 2*pi terms of q and p cancel
+  log_p = -0.5 * np.square(z)
+  samples = np.sum(log_q - log_p, axis=(2, 3, 4))  # [n, batch]
+  monte_carlo, stderr = samples.mean(axis=0), samples.std(axis=0) / np.sqrt(n)
+  np.testing.assert_array_less(np.abs(monte_carlo - closed_form), 4 * stderr)
   assert float(DiagonalGaussian(jnp.zeros((1, 2)), jnp.zeros((1, 2))).kl()[0]) == 0.0
   # from_moments splits mean | logvar and clips the log-variance.
   clipped = DiagonalGaussian.from_moments(jnp.array([[1.0, -100.0]]))
@@ -98,7 +101,7 @@ def test_vae_train_steps_lower_the_loss_on_a_fixed_batch():
   step = jax.jit(functools.partial(vae_train_step, config=config))
   evaluate = jax.jit(lambda p: vae_loss(p, batch, jax.random.key(5), config=config)[1]["reconstruction"])
   before = float(evaluate(state.params))
-  for _ in range(40):
+  for _ in range(30):
     state, metrics = step(state, batch, jax.random.key(1))
   after = float(evaluate(state.params))
   assert after < 0.5 * before, (before, after)
@@ -114,23 +117,6 @@ def test_psnr_is_exact_on_known_errors():
   recons[0] += 1  # MSE 1 -> 20*log10(255)
   np.testing.assert_allclose(psnr(images, recons)[0], 20 * np.log10(255.0))
   assert psnr(images, recons)[1] == pytest.approx(10 * np.log10(255.0**2 / 1e-10))
-
-
-def test_scaling_factor_gives_latents_unit_std():
-  model = AutoencoderKL(VAEConfig(**TINY_VAE))
-  params = init_vae_params(model, jax.random.key(0))
-  codec = latent.LatentCodec(model.config, params, scaling_factor=1.0)
-  batches = [jax.random.uniform(jax.random.key(i), (16, 16, 16, 1), minval=-1, maxval=1) * (i % 3 + 1) / 3
-             for i in range(6)]
-  fit = [codec.encode(b, jax.random.key(10 + i)) for i, b in enumerate(batches[:3])]
-  unscaled_std = latent.latent_std(fit)
-  assert abs(unscaled_std - 1.0) > 0.1  # the random VAE's latents are not unit scale by themselves
-  scaled = latent.LatentCodec(model.config, params, scaling_factor=1.0 / unscaled_std)
-  held_out = [scaled.encode(b, jax.random.key(20 + i)) for i, b in enumerate(batches[3:])]
-  assert latent.latent_std(held_out) == pytest.approx(1.0, abs=0.05)
-  # Decoding undoes the scaling: the same images as decoding the unscaled posterior mean.
-  z = scaled.encode(batches[0])
-  np.testing.assert_allclose(scaled.decode(z), codec.decode(codec.encode(batches[0])), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +146,25 @@ def test_latent_diffusion_samples_decode_to_images_with_every_kind_of_sampler(la
   assert lc.vae_workdir == str(root / "vae") and lc.vae_checkpoint == 8 and lc.scaling_factor > 0
   assert pipe.image_shape == (16, 16, 1) and pipe.codec.scaling_factor == lc.scaling_factor
   assert os.path.exists(root / "ldm" / "samples" / "step_0000004.png")
-  for sampler in ("ddim", "dpmpp_2m_sde", "heun"):  # deterministic, stochastic (per-step noise), second order
+  for sampler in ("ddim", "dpmpp_2m_sde"):  # deterministic; stochastic, multistep
     samples = pipe.generate(4, seed=0, sampler=sampler, steps=2)
     assert samples.images.shape == (4, 16, 16, 1) and samples.images.dtype == np.uint8
     assert samples.images.std() > 0
+
+
+def test_stored_scaling_factor_gives_held_out_latents_unit_std(latent_run):
+  root, data_dir = latent_run
+  pipe = jdiff.load(str(root / "ldm"))
+  codec = pipe.codec  # encodes a posterior sample when given a key, as training does
+  assert abs(codec.scaling_factor - 1.0) > 0.1  # the VAE's latents are not unit scale by themselves
+  test_digits = data.uint8_to_model_range(data.load_split(DataConfig(image_size=16, split="test",
+                                                                     data_dir=str(data_dir)))[0][:96])
+  held_out = [codec.encode(test_digits[i:i + 32], jax.random.key(i)) for i in range(0, 96, 32)]
+  assert latent.latent_std(held_out) == pytest.approx(1.0, abs=0.1)
+  # Decoding undoes the scaling: the same images as the unscaled latents decoded with factor 1.
+  unscaled = dataclasses.replace(codec, scaling_factor=1.0)
+  np.testing.assert_allclose(codec.decode(held_out[0]), unscaled.decode(held_out[0] / codec.scaling_factor),
+                             atol=1e-4)
 
 
 def test_latent_config_errors_name_the_field(latent_run, tmp_path):
