@@ -29,7 +29,7 @@ def main():
   args = parser.parse_args()
 
   pipe = jdiff.load(args.workdir, step=args.checkpoint)
-  size = pipe.config.model.image_size
+  size = pipe.image_shape[0]
   classifier = evaluation.make_digit_classifier(size)
   real, labels = evaluation.real_digits("test", size)
   print(f"checkpoint step {pipe.step}, {args.num} samples per row, image size {size}\n")

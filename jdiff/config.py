@@ -15,6 +15,7 @@ from jdiff import diffusion, samplers, schedules
 from jdiff.data import DataConfig
 from jdiff.models.text import TextEncoderConfig
 from jdiff.models.unet import UNetConfig
+from jdiff.models.vae import VAEConfig
 from jdiff.tokenizer import Tokenizer
 
 
@@ -162,6 +163,38 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentConfig:
+  """Latent diffusion: the U-Net trains and samples on a trained VAE's latents; vae_workdir None = on pixels.
+
+  Each batch is encoded by the frozen VAE (a posterior sample, or its mean) and multiplied by scaling_factor.
+  scaling_factor 0 means: 1 / std of the latents of the first scale_batches training batches, computed when
+  training starts. The checkpoint's config records the factor used and the VAE's absolute path and step, so
+  resuming and sampling decode exactly as training encoded.
+  """
+  vae_workdir: str | None = None
+  vae_checkpoint: int | None = None  # None: the VAE work dir's latest checkpoint
+  encode: str = "sample"
+  scaling_factor: float = 0.0
+  scale_batches: int = 8
+
+  def __post_init__(self):
+    _check_choice("encode", self.encode, LATENT_ENCODINGS)
+    _check(self.vae_workdir is None or (isinstance(self.vae_workdir, str) and self.vae_workdir), "vae_workdir",
+           self.vae_workdir, "None (pixel diffusion) or the work dir of a trained VAE")
+    _check(self.vae_checkpoint is None or self.vae_checkpoint >= 1, "vae_checkpoint", self.vae_checkpoint,
+           "None (the latest) or a checkpoint step >= 1")
+    _check(self.scaling_factor >= 0, "scaling_factor", self.scaling_factor, "> 0, or 0 to compute it from the data")
+    _check(self.scale_batches >= 1, "scale_batches", self.scale_batches, "an integer >= 1")
+
+  @property
+  def enabled(self) -> bool:
+    return self.vae_workdir is not None
+
+
+LATENT_ENCODINGS = ("sample", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
   data: DataConfig
@@ -171,18 +204,33 @@ class Config:
   sampling: SamplingConfig
   parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
   text: TextConfig = dataclasses.field(default_factory=TextConfig)
+  latent: LatentConfig = dataclasses.field(default_factory=LatentConfig)
 
 
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig,
-            "training": TrainingConfig, "sampling": SamplingConfig, "parallel": ParallelConfig, "text": TextConfig}
+            "training": TrainingConfig, "sampling": SamplingConfig, "parallel": ParallelConfig, "text": TextConfig,
+            "latent": LatentConfig}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
   """Validates a ConfigDict (or plain nested dict) and returns the typed Config."""
   raw = _to_dict(raw)
   _reject_unknown("", raw, ["seed", *SECTIONS])
+  config = Config(seed=_seed(raw), **_parse_sections(raw, SECTIONS))
+  _check_consistency(config)
+  return config
+
+
+def _seed(raw: dict) -> int:
+  seed = raw.get("seed", 0)
+  if not _has_type(seed, "int") or seed < 0:
+    raise ConfigError(f"config.seed={seed!r} is not allowed: must be an integer >= 0")
+  return seed
+
+
+def _parse_sections(raw: dict, classes: Mapping[str, type]) -> dict:
   sections = {}
-  for name, cls in SECTIONS.items():
+  for name, cls in classes.items():
     values = raw.get(name, {})
     if not isinstance(values, Mapping):
       raise ConfigError(f"config.{name} must be a section of fields, got {values!r}")
@@ -192,16 +240,71 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
       sections[name] = cls(**values)
     except (ValueError, TypeError) as e:
       raise ConfigError(f"config.{name}: {e}") from None
-  seed = raw.get("seed", 0)
-  if not _has_type(seed, "int") or seed < 0:
-    raise ConfigError(f"config.seed={seed!r} is not allowed: must be an integer >= 0")
-  config = Config(seed=seed, **sections)
-  _check_consistency(config)
+  return sections
+
+
+@dataclasses.dataclass(frozen=True)
+class VAELossConfig:
+  """loss = mean reconstruction error per image value + kl_weight * KL per image value (summed KL / (H*W*C)).
+
+  Normalising both terms per image value gives kl_weight the meaning it has in latent diffusion (1e-6 there).
+  """
+  reconstruction: str = "l1"
+  kl_weight: float = 1e-6
+
+  def __post_init__(self):
+    _check_choice("reconstruction", self.reconstruction, RECONSTRUCTION_LOSSES)
+    _check(self.kl_weight >= 0, "kl_weight", self.kl_weight, ">= 0")
+
+
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEEvalConfig:
+  """Reconstruction PSNR, measured at the end of training on `split` of the training dataset (held-out images)."""
+  split: str = "test"
+  num_images: int = 0  # 0: the whole split
+
+  def __post_init__(self):
+    _check(isinstance(self.split, str) and bool(self.split), "split", self.split, "a split such as 'test'")
+    _check(self.num_images >= 0, "num_images", self.num_images, ">= 0 (0 = the whole split)")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETrainConfig:
+  """A VAE training run (configs/vae_*.py): training.sample_every writes reconstruction grids."""
+  seed: int
+  data: DataConfig
+  vae: VAEConfig
+  loss: VAELossConfig
+  training: TrainingConfig
+  evaluation: VAEEvalConfig
+
+
+VAE_SECTIONS = {"data": DataConfig, "vae": VAEConfig, "loss": VAELossConfig, "training": TrainingConfig,
+                "evaluation": VAEEvalConfig}
+
+
+def is_vae_config(raw: Mapping[str, Any]) -> bool:
+  """Whether a raw config describes a VAE run (it has a `vae` section) rather than a diffusion run."""
+  return "vae" in _to_dict(raw)
+
+
+def parse_vae_config(raw: Mapping[str, Any]) -> VAETrainConfig:
+  """Validates a VAE run's ConfigDict (or nested dict) and returns the typed VAETrainConfig."""
+  raw = _to_dict(raw)
+  _reject_unknown("", raw, ["seed", *VAE_SECTIONS])
+  config = VAETrainConfig(seed=_seed(raw), **_parse_sections(raw, VAE_SECTIONS))
+  if config.vae.image_size != config.data.image_size:
+    raise ConfigError(f"config.vae.image_size ({config.vae.image_size}) must equal config.data.image_size "
+                      f"({config.data.image_size}): the VAE is built for the images the data pipeline yields")
   return config
 
 
 def _check_consistency(config: Config) -> None:
-  if config.model.image_size != config.data.image_size:
+  # A latent U-Net's size is checked against the VAE's latents when training starts.
+  if not config.latent.enabled and config.model.image_size != config.data.image_size:
     raise ConfigError(f"config.model.image_size ({config.model.image_size}) must equal config.data.image_size "
                       f"({config.data.image_size}): the U-Net is built for the images the data pipeline yields")
   if config.sampling.num_steps > config.diffusion.num_timesteps:

@@ -9,6 +9,9 @@ A text-to-image model (config.model.context_dim > 0) takes prompts where a class
 
     pipe = jdiff.load("runs/shapes")
     samples = pipe.generate(8, prompt="a red square", negative_prompt="a small square", guidance=5.0)
+
+A latent diffusion work dir (config.latent) samples latents and decodes them with its VAE: the same calls
+return images.
 """
 from __future__ import annotations
 
@@ -22,11 +25,11 @@ import numpy as np
 
 from jdiff import generate as gen
 from jdiff import samplers
-from jdiff.config import Config, parse_config
+from jdiff.config import Config, ConfigError, is_vae_config, parse_config
 from jdiff.data import model_range_to_uint8, uint8_to_model_range
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule, make_schedule
-from jdiff.train import checkpoint
+from jdiff.train import checkpoint, latent
 from jdiff.train.state import abstract_train_state, make_model
 
 
@@ -43,6 +46,7 @@ class Pipeline:
   config: Config
   params: dict
   step: int
+  codec: latent.LatentCodec | None = None  # a latent diffusion model's VAE: samples are decoded with it
 
   @functools.cached_property
   def model(self) -> UNet:
@@ -118,13 +122,15 @@ class Pipeline:
     """DDIM inversion: the initial noise [N, H, W, C] from which `decode` (DDIM, eta 0, no guidance, same
     steps and spacing) reproduces uint8 `images`. refine > 0 adds fixed-point iterations per step."""
     options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing)
-    mc = self.config.model
-    expected = (mc.image_size, mc.image_size, mc.in_channels)
+    expected = self.image_shape
     if np.asarray(images).dtype != np.uint8 or np.ndim(images) != 4 or np.shape(images)[1:] != expected:
       raise ValueError(f"images must be uint8 [N, {', '.join(map(str, expected))}], got "
                        f"{np.asarray(images).dtype} {np.shape(images)}")
     labels = self._cond(label, self._prompts(prompt, len(images)), len(images))
-    return np.asarray(gen.invert_unet(self.params, self.schedule, uint8_to_model_range(np.asarray(images)), labels,
+    x0 = uint8_to_model_range(np.asarray(images))
+    if self.codec:
+      x0 = self.codec.encode(x0)  # the posterior mean; the returned noise is latent-shaped
+    return np.asarray(gen.invert_unet(self.params, self.schedule, x0, labels,
                                       model=self.model, prediction=self.config.diffusion.prediction,
                                       num_steps=options["num_steps"], spacing=options["spacing"], refine=refine))
 
@@ -191,6 +197,8 @@ class Pipeline:
                                                               (len(noise),) + np.shape(negative))
     images = gen.sample_unet(self.model, self.params, self.schedule, noise, keys, labels=labels,
                              negative_labels=negatives, prediction=self.config.diffusion.prediction, **options)
+    if self.codec:
+      images = self.codec.decode(images)
     return model_range_to_uint8(images)
 
   def _prompts(self, prompt, num: int) -> list[str] | None:
@@ -215,6 +223,15 @@ class Pipeline:
     if label is not None:
       raise ValueError(f"label={label!r} given, but this is a text-to-image model: pass prompt=... instead")
     return self.config.text.tokenizer().encode(prompts)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the images this model generates (for a latent model, what its VAE decodes to)."""
+    if self.codec:
+      size = self.config.model.image_size * self.codec.vae.downsample_factor
+      return (size, size, self.codec.vae.in_channels)
+    mc = self.config.model
+    return (mc.image_size, mc.image_size, mc.in_channels)
 
   def _labels(self, label, num: int) -> np.ndarray | None:
     num_classes = self.config.model.num_classes
@@ -274,11 +291,16 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def restore(s: int) -> Pipeline:
-    config = parse_config(checkpoint.restore_config_checked(manager, s))
+    raw = checkpoint.restore_config_checked(manager, s)
+    if is_vae_config(raw):
+      raise ConfigError(f"work dir {workdir!r} holds a VAE, not a diffusion model: sample from a latent diffusion "
+                        "work dir that uses it, or measure it with bench/vae_psnr.py")
+    config = parse_config(raw)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                       abstract_train_state(config))
     state = checkpoint.restore_checked(manager, s, abstract)
-    return Pipeline(config=config, params=state.ema_params if ema else state.params, step=s)
+    codec = latent.load_codec(config) if config.latent.enabled else None
+    return Pipeline(config=config, params=state.ema_params if ema else state.params, step=s, codec=codec)
 
   if step is not None:
     return restore(step)

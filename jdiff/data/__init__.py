@@ -7,7 +7,8 @@ from jdiff.data.images import model_range_to_uint8, resize_images, uint8_to_mode
 from jdiff.data.sources import DatasetUnavailableError
 from jdiff.data.digits import SklearnDigits, digits_split
 from jdiff.data.shapes import Shapes, shapes_examples, shapes_split
-from jdiff.data.pipeline import DataConfig, DatasetInfo, dataset_info, local_batch_size, make_train_iterator
+from jdiff.data.pipeline import (DataConfig, DatasetInfo, dataset_info, load_split, local_batch_size,
+                                 make_train_iterator)
 
 __all__ = [
     "DataConfig",
@@ -17,6 +18,7 @@ __all__ = [
     "SklearnDigits",
     "dataset_info",
     "digits_split",
+    "load_split",
     "local_batch_size",
     "make_train_iterator",
     "model_range_to_uint8",

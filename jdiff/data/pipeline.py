@@ -180,6 +180,16 @@ def _fits_in_memory(builder, config: DataConfig) -> bool:
   return builder.info.splits[config.split].num_examples * pixels * channels <= IN_MEMORY_LIMIT_BYTES
 
 
+def load_split(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+  """All of `config.split` in memory, in the dataset's order: uint8 images [N, S, S, C] resized to image_size, and
+  int32 labels [N]; for evaluation on a held-out split (e.g. a VAE's reconstruction PSNR on 'test')."""
+  builder = get_builder(config.name, config.data_dir)
+  _image_and_label_features(builder)
+  prepare(builder)
+  _check_split(builder, config.split)
+  return _load_split(builder, config.split, config.image_size)[:2]
+
+
 def _load_split(builder, split, image_size: int,
                 template: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """A whole prepared split in memory: uint8 images [N, S, S, C] resized to image_size, int32 labels [N], and

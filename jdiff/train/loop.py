@@ -17,7 +17,7 @@ from clu import metric_writers, periodic_actions
 from jdiff import data, generate
 from jdiff.config import Config, ConfigError, parse_config
 from jdiff.schedules import make_schedule
-from jdiff.train import checkpoint, distributed, faults, sharding
+from jdiff.train import checkpoint, distributed, faults, latent, sharding
 from jdiff.train.state import TrainState, abstract_train_state, create_train_state, make_model, param_count
 from jdiff.train.step import train_step
 
@@ -35,6 +35,11 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   # Open the data before writing anything, so an unavailable dataset leaves the work dir untouched.
   start = checkpoint.latest_step(workdir) or 0
   iterator = _open_data(config, start)
+  codec = encode = None
+  if config.latent.enabled:
+    codec, raw = latent.prepare_latents(config, raw, workdir, start)
+    config = parse_config(raw)
+    encode = latent.make_batch_encoder(codec, mesh, config.seed)
   manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints)
   state_sharding = sharding.state_sharding(abstract_train_state(config), mesh)
   state = _restore_or_init(config, raw, manager, state_sharding, start)
@@ -59,6 +64,8 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   with metric_writers.ensure_flushes(writer), faults.StopRequest() as stop, checkpoint.finishing(manager):
     for step in range(start, tc.num_steps):
       batch = sharding.global_batch(next(iterator), mesh)
+      if encode:
+        batch = encode(batch, step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = step_fn(state, batch, rng, schedule)
       history.append(metrics)
@@ -79,7 +86,7 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
                         stopping, done, manager.directory)
         break
       if (tc.sample_every and done % tc.sample_every == 0) or done == tc.num_steps:
-        write_sample_grid(config, state, schedule, workdir, done, writer, mesh)
+        write_sample_grid(config, state, schedule, workdir, done, writer, mesh, codec)
   return state
 
 
@@ -119,10 +126,10 @@ def _restore_or_init(config: Config, raw: dict, manager, state_sharding, step: i
   return state
 
 
-def check_resumable(saved: dict, current: dict) -> None:
-  """Refuses to resume a checkpoint whose model or diffusion settings differ from the config's."""
+def check_resumable(saved: dict, current: dict, sections=RESUME_SECTIONS) -> None:
+  """Refuses to resume a checkpoint whose model or diffusion settings (or other `sections`) differ from the config's."""
   diffs = []
-  for section in RESUME_SECTIONS:
+  for section in sections:
     before, now = saved.get(section, {}), current.get(section, {})
     for key in sorted(set(before) | set(now)):
       if _normalise(before.get(key)) != _normalise(now.get(key)):
@@ -137,8 +144,9 @@ def _normalise(value):
 
 
 def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str, step: int, writer,
-                      mesh=None) -> None:
-  """Samples with the EMA params and the config's sampling settings; logs the grid and writes it as PNG.
+                      mesh=None, codec: latent.LatentCodec | None = None) -> None:
+  """Samples with the EMA params and the config's sampling settings (decoding latents with `codec`, if given);
+  logs the grid and writes it as PNG.
 
   With a mesh, the EMA params are first gathered onto this process's first device, and every process samples
   the same grid there on its own (no collectives; the params may be sharded over devices of other processes).
@@ -156,6 +164,8 @@ def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str,
   images = generate.generate(make_model(config), params, schedule, seeds=seeds, labels=labels,
                              negative_labels=negatives, prediction=config.diffusion.prediction, sampler=sc.sampler,
                              num_steps=sc.num_steps, spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
+  if codec:
+    images = codec.decode(images)
   columns = num_classes if num_classes and sc.num_samples % num_classes == 0 else None
   grid = generate.make_grid(data.model_range_to_uint8(images), columns=columns)
   writer.write_images(step, {"samples": grid[None]})
