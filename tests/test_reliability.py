@@ -80,6 +80,7 @@ def trained(tmp_path_factory):
 
 # ---------------------------------------------------------------- kill, preempt, resume
 
+@pytest.mark.slow
 def test_killed_and_preempted_train_py_resumes_bit_identically(tmp_path):
   """A real train.py is stopped by SIGTERM once and SIGKILLed twice, each a seeded random 0-1 s after the run's
   first new checkpoint (so mid-step or mid-save), and restarted each time; its final state equals an uninterrupted
@@ -194,8 +195,8 @@ def test_restoring_another_models_state_names_the_mismatching_arrays(trained):
   unconditional = tiny_config()
   unconditional.model.num_classes = 0
   unconditional.sampling.guidance_scale = 1.0
-  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"params/label_embed/embedding: in the checkpoint float32\[11, 64\], not in the "
-                                                                   r"model"):
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"params/label_embed/embedding: in the checkpoint float32\[11, 64\], not in the model"):
     checkpoint.restore_checked(manager, 4, abstract_train_state(parse_config(unconditional)))
 
 
@@ -379,8 +380,8 @@ def test_fuzzed_notebook_sampling_options_run_or_raise_one_line_value_errors(tra
   assert min(outcomes.values()) >= 10, outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, args", [
-    ("train.py", ["--config.training.batch_size=12"]),
     ("train.py", ["--config.data.split=validation"]),
     ("sample.py", ["--steps=abc"]),
     ("sample.py", ["--guidance=nan"]),
