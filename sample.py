@@ -91,7 +91,10 @@ def main(argv):
   columns = num_classes if num_classes and _LABEL.value is None and _NUM.value % num_classes == 0 else None
   if _INTERPOLATE.value:
     columns = _INTERPOLATE.value  # one row
-  write(samples, out, columns)
+  try:
+    write(samples, out, columns)
+  except OSError as e:
+    runtime.fail("sample.py", f"cannot write --out={out!r}: {e}")
   print(f"wrote {len(samples.images)} images from checkpoint {pipe.step} to {out}")
 
 

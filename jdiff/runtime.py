@@ -7,7 +7,7 @@ import re
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jdiff", "xla")
 
@@ -34,7 +34,7 @@ def quiet_library_logs() -> None:
 def start_cli(argv: list[str]) -> None:
   """What train.py and sample.py do first: refuse stray arguments, cache compilations, quiet orbax."""
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    fail(os.path.basename(argv[0]), f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)")
   enable_compilation_cache()
   quiet_library_logs()
 

@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from jdiff.config import ConfigError
 from jdiff.train.state import TrainState
@@ -32,6 +33,7 @@ class UnreadableCheckpointError(CheckpointError):
 
 class IncompatibleCheckpointError(ConfigError):
   """A readable checkpoint of another model: other parameter names, shapes or dtypes."""
+
 
 ITEMS = ("state", "config")
 
@@ -167,7 +169,10 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   target, n = f"{path}.unreadable", 1
   while os.path.exists(target):
     target, n = f"{path}.unreadable-{n}", n + 1
-  os.rename(path, target)
+  if jax.process_index() == 0:
+    os.rename(path, target)
+    logging.warning("moved unreadable checkpoint %s to %s", path, target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"jdiff set aside {path}")
   manager.reload()
-  logging.warning("moved unreadable checkpoint %s to %s", path, target)
   return target
