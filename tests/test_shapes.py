@@ -33,7 +33,8 @@ def test_held_out_pairs_only_in_heldout_split():
   assert set(shapes_split("heldout")["label"].tolist()) == held
   # Each held-out pair's colour and shape both occur in train, only not together.
   for colour, shape in shapes.HELD_OUT_PAIRS:
-    assert (train["colour"] == shapes.COLOURS.index(colour)).any() and (train["shape"] == shapes.SHAPES.index(shape)).any()
+    assert (train["colour"] == shapes.COLOURS.index(colour)).any()
+    assert (train["shape"] == shapes.SHAPES.index(shape)).any()
 
 
 def test_captions_name_the_attributes():
@@ -44,8 +45,9 @@ def test_captions_name_the_attributes():
     size, position = shapes.SIZES[examples["size"][i]], shapes.POSITIONS[examples["position"][i]]
     assert f"{colour} {shape}" in text and text.startswith("a ")
     has_size, has_position = text.startswith(f"a {size} "), text.endswith(position)
-    assert text == shapes.caption(examples["colour"][i], examples["shape"][i], examples["size"][i] if has_size else None,
-                                  examples["position"][i] if has_position else None)
+    size_or_none = examples["size"][i] if has_size else None
+    position_or_none = examples["position"][i] if has_position else None
+    assert text == shapes.caption(examples["colour"][i], examples["shape"][i], size_or_none, position_or_none)
     kinds.add((has_size, has_position))
     assert examples["label"][i] == shapes.pair_label(examples["colour"][i], examples["shape"][i])
   assert kinds == {(True, True), (True, False), (False, True), (False, False)}
