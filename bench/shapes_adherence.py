@@ -54,7 +54,8 @@ def main():
         f"{len(sets['held-out'][0])} held-out, {len(sets['seen'][0])} seen\n")
   print("| prompts | guidance | colour | shape | both | seconds |")
   print("|---|---|---|---|---|---|")
-  for split, name in (("heldout", "real held-out images (detector check)"), ("test", "real test images (detector check)")):
+  for split, name in (("heldout", "real held-out images (detector check)"),
+                      ("test", "real test images (detector check)")):
     real = shapes.shapes_split(split)
     print(row(name, "-", adherence.accuracy(resize_images(real["image"], size), real["colour"], real["shape"])))
   for guidance in map(float, args.guidance.split(",")):

@@ -34,7 +34,7 @@ def get_config():
                           label_dropout=0.0)
 
   config.training = dict(
-      batch_size=64, num_steps=3000, learning_rate=1e-3, warmup_steps=200, weight_decay=0.0, grad_clip=1.0,
+      batch_size=64, num_steps=2000, learning_rate=1e-3, warmup_steps=200, weight_decay=0.0, grad_clip=1.0,
       ema_decay=0.999, ema_warmup=True, log_every=100, checkpoint_every=500, keep_checkpoints=2,
       sample_every=1000)
 

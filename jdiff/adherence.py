@@ -7,8 +7,9 @@ as background). The colour is the nearest of the dataset's six colours to the me
 the coverage's row profile is -0.57 for it and 0 for a circle or square, and below SKEW_THRESHOLD reads as a
 triangle. Otherwise the fill of its own extent tells a square (1) from a circle (pi/4): area / (width * height),
 where the area is the summed coverage, the width the largest row sum and the height the largest column sum. Sums of
-coverage, not thresholded masks, keep this right at 16x16, where anti-aliased edges are a good part of a shape. A picture whose largest distance from the background is under
-MIN_CONTRAST shows no shape, and counts as wrong for both.
+coverage, not thresholded masks, keep this right at 16x16, where anti-aliased edges are a good part of a shape.
+A picture whose largest distance from the background is under MIN_CONTRAST shows no shape, and counts as wrong for
+both.
 """
 from __future__ import annotations
 

@@ -311,8 +311,8 @@ def _check_consistency(config: Config) -> None:
     raise ConfigError(f"config.sampling.num_steps ({config.sampling.num_steps}) exceeds "
                       f"config.diffusion.num_timesteps ({config.diffusion.num_timesteps})")
   if config.sampling.guidance_scale != 1.0 and config.model.num_classes == 0 and config.model.context_dim == 0:
-    raise ConfigError(f"config.sampling.guidance_scale={config.sampling.guidance_scale} needs a conditional "
-                      "model: set config.model.num_classes > 0 (classes) or config.model.context_dim > 0 (text), or "
+    raise ConfigError(f"config.sampling.guidance_scale={config.sampling.guidance_scale} needs a class-conditional "
+                      "model or a text model: set config.model.num_classes > 0 or config.model.context_dim > 0, or "
                       "guidance_scale=1.0 for an unconditional one")
   if config.model.context_dim and config.model.context_dim != config.text.width:
     raise ConfigError(f"config.model.context_dim ({config.model.context_dim}) must equal config.text.width "

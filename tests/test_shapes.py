@@ -1,9 +1,12 @@
-"""The offline captioned `shapes` dataset: determinism, held-out pairs, captions, drawn areas, TFDS and the pipeline."""
+"""The offline captioned `shapes` dataset (determinism, held-out pairs, captions, drawn areas, TFDS, the pipeline) and
+the pixel-level detector of colour and shape that measures prompt adherence on it."""
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jdiff.data import DataConfig, dataset_info, make_train_iterator, shapes, shapes_examples, shapes_split, sources
+from jdiff import adherence
+from jdiff.data import (DataConfig, dataset_info, make_train_iterator, resize_images, shapes, shapes_examples,
+                        shapes_split, sources)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def test_held_out_pairs_only_in_heldout_split():
   assert set(shapes_split("heldout")["label"].tolist()) == held
   # Each held-out pair's colour and shape both occur in train, only not together.
   for colour, shape in shapes.HELD_OUT_PAIRS:
-    assert (train["colour"] == shapes.COLOURS.index(colour)).any() and (train["shape"] == shapes.SHAPES.index(shape)).any()
+    assert (train["colour"] == shapes.COLOURS.index(colour)).any()
+    assert (train["shape"] == shapes.SHAPES.index(shape)).any()
 
 
 def test_captions_name_the_attributes():
@@ -41,8 +45,9 @@ def test_captions_name_the_attributes():
     size, position = shapes.SIZES[examples["size"][i]], shapes.POSITIONS[examples["position"][i]]
     assert f"{colour} {shape}" in text and text.startswith("a ")
     has_size, has_position = text.startswith(f"a {size} "), text.endswith(position)
-    assert text == shapes.caption(examples["colour"][i], examples["shape"][i], examples["size"][i] if has_size else None,
-                                  examples["position"][i] if has_position else None)
+    size_or_none = examples["size"][i] if has_size else None
+    position_or_none = examples["position"][i] if has_position else None
+    assert text == shapes.caption(examples["colour"][i], examples["shape"][i], size_or_none, position_or_none)
     kinds.add((has_size, has_position))
     assert examples["label"][i] == shapes.pair_label(examples["colour"][i], examples["shape"][i])
   assert kinds == {(True, True), (True, False), (False, True), (False, False)}
@@ -94,3 +99,15 @@ def test_train_iterator_serves_shapes(data_dir):
   batch = next(make_train_iterator(config, 32, seed=0))
   assert batch["image"].shape == (32, 16, 16, 3) and -1 <= batch["image"].min() and batch["image"].max() <= 1
   assert not set(batch["label"].tolist()) & set(shapes.held_out_labels())
+
+
+def test_detector_reads_colour_and_shape_of_real_images():
+  examples = {key: np.concatenate([a, b]) for (key, a), b in zip(shapes_examples(200, seed=7).items(),
+                                                                  shapes_examples(100, seed=7, heldout=True).values())}
+  for size in (16, 32):
+    found = adherence.detect(resize_images(examples["image"], size))
+    np.testing.assert_array_equal(found.colour, examples["colour"])
+    np.testing.assert_array_equal(found.shape, examples["shape"])
+  blank = np.full((2, 16, 16, 3), 30, np.uint8)
+  assert adherence.detect(blank).shape.tolist() == [-1, -1]
+  assert adherence.accuracy(blank, np.zeros(2, int), np.zeros(2, int)) == {"colour": 0.0, "shape": 0.0, "both": 0.0}
