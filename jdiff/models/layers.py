@@ -30,8 +30,8 @@ class GroupNorm(nn.Module):
   """nn.GroupNorm's parameters and maths (eps 1e-6, variance as E[x^2] - E[x]^2), computed from per-channel moments.
 
   Reducing over the spatial axes first keeps the channels as the contiguous minor axis, and the normalisation
-  becomes one per-(example, channel) scale and shift, which XLA:CPU runs about 2.5x faster, forward and backward,
-  than a reduction over [..., groups, channels // groups] (docs/performance.md).
+  becomes one per-(example, channel) scale and shift. XLA:CPU runs this about 2.5x faster, forward and backward,
+  than a reduction over [..., groups, channels // groups] in isolation; 2-5% of a U-Net step (docs/performance.md).
   """
   num_groups: int
   epsilon: float = 1e-6
