@@ -177,5 +177,9 @@ def test_latent_config_errors_name_the_field(latent_run, tmp_path):
   with pytest.raises(ConfigError, match=r"config.latent.vae_workdir=.*missing.*no VAE checkpoints"):
     train_and_evaluate(raw, str(tmp_path / "bad"))
   assert not os.path.exists(tmp_path / "bad")
+  raw = tiny_latent_config(data_dir, tmp_path / "other_vae")
+  raw.training.num_steps = 6
+  with pytest.raises(ConfigError, match=r"was trained on the latents of .*vae'"):
+    train_and_evaluate(raw, str(root / "ldm"))  # resuming must keep the VAE (and factor) it started with
   with pytest.raises(ConfigError, match=r"config.latent: encode='median' .* one of sample, mean"):
     parse_config(dict(tiny_latent_config(data_dir, root / "vae").to_dict(), latent=dict(encode="median")))
