@@ -1,9 +1,9 @@
-"""Multi-process training for real: two train.py processes on localhost (gloo CPU collectives, 2 devices each).
+"""Multi-process training for real: two processes on localhost (gloo CPU collectives, 2 CPU devices each).
 
-They train the tiny config with its parameters sharded over all 4 devices (fsdp=4, so each process holds and
-checkpoints only half of every large tensor), stop at step 4, and resume from that checkpoint to step 6. One
-process training on the same global batches (process 0's shard of each batch, then process 1's) must end with
-the same state, read back from the two processes' final checkpoint.
+Each runs train_and_evaluate (tests/multihost_worker.py) on a one-level tiny U-Net with its parameters sharded over
+all 4 devices (fsdp=4, so each process holds and checkpoints only half of every large tensor), stops at step 4,
+and resumes from that checkpoint to step 6. One process training on the same global batches (process 0's shard
+of each batch, then process 1's) must end with the same state, read back from the two processes' checkpoint.
 """
 import functools
 import os
@@ -14,13 +14,13 @@ import sys
 import jax
 import numpy as np
 
-from configs import tiny
 from jdiff import data
 from jdiff.config import parse_config
 from jdiff.schedules import make_schedule
 from jdiff.train import checkpoint, sharding
 from jdiff.train.state import abstract_train_state, create_train_state
 from jdiff.train.step import train_step
+from tests.multihost_worker import job_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, STEPS = 2, 6
@@ -32,18 +32,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def train_processes(workdir, num_steps: int) -> list[str]:
-  """Runs train.py as PROCESSES processes of one job and returns their logs; fails if one of them does."""
+def train_processes(workdir) -> list[str]:
+  """Runs PROCESSES worker processes of one job and returns their logs; fails with the log of one that fails."""
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JDIFF_COMPILATION_CACHE=os.environ.get(
       "JDIFF_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax")))
-  flags = ["--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.training.num_steps={num_steps}",
-           "--config.training.checkpoint_every=2", "--config.parallel.fsdp=4",
-           f"--config.parallel.coordinator_address=localhost:{port}", f"--config.parallel.num_processes={PROCESSES}"]
-  procs = [subprocess.Popen([sys.executable, "train.py", *flags, f"--config.parallel.process_id={i}"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i), str(PROCESSES),
+                             str(workdir)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
            for i in range(PROCESSES)]
-  logs = [p.communicate(timeout=300)[0] for p in procs]
+  logs = [p.communicate(timeout=500)[0] for p in procs]
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
   return logs
@@ -65,11 +63,9 @@ def one_process_reference(config):
 
 
 def test_two_processes_train_and_checkpoint_like_one(tmp_path):
-  raw = tiny.get_config()
-  config = parse_config(raw)
+  config = parse_config(job_config())
   reference = one_process_reference(config)  # also prepares the dataset before the two processes read it
-  train_processes(tmp_path, num_steps=4)
-  logs = train_processes(tmp_path, num_steps=STEPS)
+  logs = train_processes(tmp_path)
   assert all("Resuming from checkpoint at step 4" in log for log in logs)
 
   manager = checkpoint.make_manager(str(tmp_path), create=False)

@@ -14,19 +14,23 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jdiff.config import ConfigError, parse_config
+from jdiff.config import ConfigError, ParallelConfig, parse_config
 from jdiff.schedules import make_schedule
-from jdiff.train import sharding
+from jdiff.train import distributed, sharding
 from jdiff.train.loop import train_and_evaluate
 from jdiff.train.state import abstract_train_state, create_train_state
 from jdiff.train.step import loss_and_grads, train_step
 from tests.test_train import fixed_batch, tiny_config
 
 STEPS = 3
+# The tiny U-Net cut to one level (6 blocks): what is tested is the sharding and the step, and it compiles in half
+# the time. Its conv kernels (2,304+ elements) are still split under FSDP.
+SMALL_MODEL = dict(channel_mults=(1,), attention_resolutions=())
 
 
 def parsed(**sections):
   raw = tiny_config()
+  raw.model.update(SMALL_MODEL)
   for section, values in sections.items():
     raw[section].update(values)
   return parse_config(raw)
@@ -69,7 +73,7 @@ def test_mesh_layouts_match_one_device(one_device, data, fsdp, accum):
   config = parsed(training=dict(grad_accum_steps=accum))
   state, metrics, state_sharding = run_steps(config, jax.devices(), fsdp=fsdp)
   assert dict(jax.tree_util.tree_leaves(state)[1].sharding.mesh.shape) == {"data": data, "fsdp": fsdp}
-  # Every leaf is laid out as declared, and under FSDP most of the state really is split.
+  # Every leaf is laid out as declared, and most of the state really is split.
   split = 0
   for leaf, declared in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(state_sharding)):
     assert leaf.sharding.spec == declared.spec == sharding.fsdp_spec(leaf.shape, fsdp)
@@ -77,7 +81,7 @@ def test_mesh_layouts_match_one_device(one_device, data, fsdp, accum):
     assert all(s.data.shape == shard for s in leaf.addressable_shards)
     split += leaf.size if shard != leaf.shape else 0
   total = sum(leaf.size for leaf in jax.tree_util.tree_leaves(state))
-  assert split / total > (0.9 if fsdp > 1 else -1) and (split == 0) == (fsdp == 1)
+  assert split / total > 0.9
   reference, reference_metrics = one_device
   np.testing.assert_allclose(metrics["loss"], reference_metrics["loss"], rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(state)):
@@ -85,11 +89,13 @@ def test_mesh_layouts_match_one_device(one_device, data, fsdp, accum):
 
 
 def test_fsdp_divides_the_state_memory_per_device():
-  abstract = abstract_train_state(parsed())
+  abstract = abstract_train_state(parse_config(tiny_config()))
   full = sharding.per_device_bytes(abstract, sharding.state_sharding(abstract, sharding.make_mesh(fsdp=1)))
   fsdp8 = sharding.per_device_bytes(abstract, sharding.state_sharding(abstract, sharding.make_mesh(fsdp=8)))
   assert full == 4 * sum(x.size for x in jax.tree_util.tree_leaves(abstract))
-  assert full / 8 < fsdp8 < full / 6  # replicated leaves (biases, norms, counters) are a small remainder
+  # 6.6x for this toy U-Net: its biases, norms, label embedding and 1x1 shortcuts (< 1024 elements) stay
+  # replicated; for the cifar10 config's 35.7M parameters it is 7.9x (docs/scaling.md).
+  assert full / 8 < fsdp8 < full / 6
 
 
 def perturbed_params(config, scale=0.05):
@@ -135,8 +141,9 @@ def test_remat_gives_the_same_gradients(plain_grads):
   loss, grads = loss_fn(*args)
   assert float(loss) == float(plain_grads[0])
   assert_grads_close(grads, plain_grads[1], rtol=1e-6)
-  # jax.checkpoint fences each recomputed block with optimisation barriers, so XLA cannot undo the remat.
-  assert loss_fn.lower(*args).as_text().count("optimization_barrier") >= 10
+  # jax.checkpoint fences each recomputed block with an optimisation barrier, so XLA cannot undo the remat:
+  # one per block of this U-Net (5 ResBlocks and the middle attention).
+  assert loss_fn.lower(*args).as_text().count("optimization_barrier") == 6
 
 
 def test_bf16_training_keeps_fp32_params_and_loss(plain_grads):
@@ -181,3 +188,16 @@ def test_parallel_config_errors_name_the_field(section, values, message):
   raw[section].update(values)
   with pytest.raises(ConfigError, match=message):
     parse_config(raw)
+
+
+def test_distributed_starts_only_when_asked(monkeypatch):
+  monkeypatch.delenv(distributed.COORDINATOR_ENV, raising=False)
+  assert not distributed.wants_initialize(ParallelConfig())
+  assert distributed.wants_initialize(ParallelConfig(coordinator_address="host0:1234"))
+  assert not distributed.wants_initialize(ParallelConfig(distributed="off", coordinator_address="host0:1234"))
+  assert distributed.wants_initialize(ParallelConfig(distributed="on"))  # JAX's cluster detection fills in the rest
+  monkeypatch.setenv(distributed.COORDINATOR_ENV, "host0:1234")
+  assert distributed.wants_initialize(ParallelConfig())
+  monkeypatch.delenv(distributed.COORDINATOR_ENV)
+  distributed.initialize(ParallelConfig())  # one process: nothing happens
+  assert jax.process_count() == 1 and not jax.distributed.is_initialized()

@@ -11,10 +11,10 @@ import os
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax._src import distributed as jax_distributed
 from absl import logging
+from jax._src import distributed as jax_distributed
 
-from jdiff.config import ParallelConfig
+from jdiff.config import ConfigError, ParallelConfig
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 BARRIER_TIMEOUT_S = 3600
@@ -32,8 +32,12 @@ def initialize(cfg: ParallelConfig) -> None:
   """Calls jax.distributed.initialize once when the config asks for it; a no-op for a single process."""
   if not wants_initialize(cfg) or jax.distributed.is_initialized():
     return
-  jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-                             process_id=cfg.process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                               process_id=cfg.process_id)
+  except ValueError as e:  # nothing given and no cluster detected
+    raise ConfigError(f"config.parallel: cannot start a multi-process job ({e}); set coordinator_address, "
+                      "num_processes and process_id, or distributed='off' for one process") from None
   logging.info("Process %d of %d; %d local and %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
 

@@ -49,10 +49,10 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   logging.info("U-Net with %d parameters; training steps %d..%d on %d device(s), mesh %s",
                param_count(state.params), start, config.training.num_steps, mesh.size, dict(mesh.shape))
   repl = sharding.replicated(mesh)
-  step_fn = distributed.compile_then_sync(jax.jit(functools.partial(train_step, config=config),
-                                                  in_shardings=(state_sharding, sharding.batch_sharded(mesh), repl,
-                                                                repl),
-                                                  out_shardings=(state_sharding, repl), donate_argnums=0))
+  step_fn = jax.jit(functools.partial(train_step, config=config),
+                    in_shardings=(state_sharding, sharding.batch_sharded(mesh), repl, repl),
+                    out_shardings=(state_sharding, repl), donate_argnums=0)
+  step_fn = distributed.compile_then_sync(step_fn)
   rng = jax.random.key(config.seed)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
