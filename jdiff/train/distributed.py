@@ -10,9 +10,9 @@ import os
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from absl import logging
 from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
 
 from jdiff.config import ConfigError, ParallelConfig
 
