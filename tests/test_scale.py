@@ -98,24 +98,25 @@ def test_fsdp_divides_the_state_memory_per_device():
   assert full / 8 < fsdp8 < full / 6
 
 
-def perturbed_params(config, scale=0.05):
-  """Seed-0 params plus noise: the zero-initialised output convs would otherwise make every prediction 0."""
-  params = jax.jit(functools.partial(create_train_state, config))(jax.random.key(0)).params
-  leaves, tree = jax.tree_util.tree_flatten(params)
+@pytest.fixture(scope="module")
+def start_state():
+  """The seed-0 state with noise added to its params: the zero-initialised output convs would otherwise make
+  every prediction 0. Params are fp32 whatever the knobs, so every test below starts from this one state."""
+  state = jax.jit(functools.partial(create_train_state, parsed()))(jax.random.key(0))
+  leaves, tree = jax.tree_util.tree_flatten(state.params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  return tree.unflatten([x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return state.replace(params=tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
 
 
-def grads_with(rng, **training):
-  config = parsed(training=training)
-  fn = jax.jit(functools.partial(loss_and_grads, config=config))
-  return fn(perturbed_params(config), fixed_batch(), rng, make_schedule("cosine", 1000))
+def loss_and_grads_with(params, **training):
+  fn = jax.jit(functools.partial(loss_and_grads, config=parsed(training=training)))
+  return fn(params, fixed_batch(), STEP_RNG, make_schedule("cosine", 1000))
 
 
 @pytest.fixture(scope="module")
-def plain_grads():
+def plain_grads(start_state):
   """(loss, grads) of the batch of 16 in one piece, fp32, no remat: the reference of the tests below."""
-  return grads_with(STEP_RNG)
+  return loss_and_grads_with(start_state.params)
 
 
 STEP_RNG = jax.random.fold_in(jax.random.key(2), 0)  # what train_step draws from at step 0 with key(2)
@@ -127,17 +128,16 @@ def assert_grads_close(grads, reference, rtol):
     np.testing.assert_allclose(b, a, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(a))))
 
 
-def test_gradient_accumulation_equals_one_larger_batch(plain_grads):
+def test_gradient_accumulation_equals_one_larger_batch(start_state, plain_grads):
   """4 micro-batches of 4 give the loss and gradients of the batch of 16, with the same per-example draws."""
-  loss, grads = grads_with(STEP_RNG, grad_accum_steps=4)
+  loss, grads = loss_and_grads_with(start_state.params, grad_accum_steps=4)
   assert float(loss) == pytest.approx(float(plain_grads[0]), rel=1e-6)
   assert_grads_close(grads, plain_grads[1], rtol=1e-5)
 
 
-def test_remat_gives_the_same_gradients(plain_grads):
-  config = parsed(training=dict(remat=True))
-  loss_fn = jax.jit(functools.partial(loss_and_grads, config=config))
-  args = (perturbed_params(config), fixed_batch(), STEP_RNG, make_schedule("cosine", 1000))
+def test_remat_gives_the_same_gradients(start_state, plain_grads):
+  loss_fn = jax.jit(functools.partial(loss_and_grads, config=parsed(training=dict(remat=True))))
+  args = (start_state.params, fixed_batch(), STEP_RNG, make_schedule("cosine", 1000))
   loss, grads = loss_fn(*args)
   assert float(loss) == float(plain_grads[0])
   assert_grads_close(grads, plain_grads[1], rtol=1e-6)
@@ -146,12 +146,10 @@ def test_remat_gives_the_same_gradients(plain_grads):
   assert loss_fn.lower(*args).as_text().count("optimization_barrier") == 6
 
 
-def test_bf16_training_keeps_fp32_params_and_loss(plain_grads):
+def test_bf16_training_keeps_fp32_params_and_loss(start_state, plain_grads):
   config = parsed(model=dict(dtype="bfloat16"))
-  state = jax.jit(functools.partial(create_train_state, config))(jax.random.key(0))
-  state = state.replace(params=perturbed_params(config))
   new, metrics = jax.jit(functools.partial(train_step, config=config))(
-      state, fixed_batch(), jax.random.key(2), make_schedule("cosine", 1000))
+      start_state, fixed_batch(), jax.random.key(2), make_schedule("cosine", 1000))
   assert {x.dtype for x in jax.tree_util.tree_leaves((new.params, new.ema_params, new.opt_state))} == {
       jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}  # int32: Adam's step counter
   loss_bf16, loss_fp32 = float(metrics["loss"]), float(plain_grads[0])
