@@ -187,7 +187,7 @@ class SpatialTransformer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
-    h = nn.GroupNorm(num_groups=self.groups, epsilon=1e-6, dtype=jnp.float32, name="norm")(x).astype(self.dtype)
+    h = group_norm(x, self.groups, "norm").astype(self.dtype)
     h = dense(c, self.dtype, "proj_in")(h).reshape(b, height * width, c)
     for i in range(self.depth):
       h = TransformerBlock(self.num_heads, self.dtype, name=f"transformer_blocks_{i}")(h, context)
