@@ -34,5 +34,5 @@ def get_config():
                          guidance_scale=3.0, eta=0.0, num_samples=100)
   config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
                          num_processes=ml_collections.config_dict.placeholder(int),
-                         process_id=ml_collections.config_dict.placeholder(int))
+                         process_id=ml_collections.config_dict.placeholder(int), cpu_devices=0)
   return ml_collections.ConfigDict(config)

@@ -107,15 +107,23 @@ class ParallelConfig:
     JAX_COORDINATOR_ADDRESS; 'on' always calls it (JAX detects TPU pods, SLURM, Open MPI); 'off' never does.
   coordinator_address, num_processes, process_id: passed to jax.distributed.initialize; None = JAX's own
     detection from the cluster environment.
+  cpu_devices: on the CPU, split this process's cores into this many XLA devices for the mesh. XLA:CPU runs a
+    convolution with 64 or fewer input channels on one thread, so one device per core runs the batch's shards
+    side by side (docs/performance.md). 0 = one per available core, lowered to a divisor of the micro-batch;
+    1 = one device. Has no effect on GPUs and TPUs, in multi-process jobs, when XLA_FLAGS already sets
+    --xla_force_host_platform_device_count, or once JAX has started its backends.
   """
   fsdp: int = 1
   distributed: str = "auto"
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
+  cpu_devices: int = 0
 
   def __post_init__(self):
     _check(_is_int(self.fsdp) and self.fsdp >= 1, "fsdp", self.fsdp, "an integer >= 1 (1 = no parameter sharding)")
+    _check(_is_int(self.cpu_devices) and self.cpu_devices >= 0, "cpu_devices", self.cpu_devices,
+           "an integer >= 0 (0 = one XLA device per CPU core, 1 = one device)")
     _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
     _check(self.coordinator_address is None or (isinstance(self.coordinator_address, str)
                                                 and self.coordinator_address.rpartition(":")[2].isdigit()),

@@ -7,6 +7,8 @@ keeps that relative size, and atol=1e-6 covers parameters whose gradients are ~0
 """
 import functools
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +182,7 @@ def test_mesh_errors_name_the_field_and_write_nothing(tmp_path, section, values,
     ("parallel", dict(distributed="yes"), r"distributed='yes' .* one of auto, on, off"),
     ("parallel", dict(coordinator_address="localhost"), r"coordinator_address='localhost' .* 'host:port'"),
     ("parallel", dict(num_processes=2, process_id=2), r"process_id=2 .* \[0, num_processes=2\)"),
+    ("parallel", dict(cpu_devices=-1), r"cpu_devices=-1 .* an integer >= 0"),
 ])
 def test_parallel_config_errors_name_the_field(section, values, message):
   raw = tiny_config()
@@ -199,3 +202,30 @@ def test_distributed_starts_only_when_asked(monkeypatch):
   monkeypatch.delenv(distributed.COORDINATOR_ENV)
   distributed.initialize(ParallelConfig())  # one process: nothing happens
   assert jax.process_count() == 1 and not jax.distributed.is_initialized()
+
+
+def test_cpu_device_count_divides_the_micro_batch():
+  assert distributed.cpu_device_count(cores=2, micro_batch=32) == 2
+  assert distributed.cpu_device_count(cores=8, micro_batch=12) == 6
+  assert distributed.cpu_device_count(cores=3, micro_batch=32) == 2
+  assert distributed.cpu_device_count(cores=4, micro_batch=7) == 1
+  assert distributed.cpu_device_count(cores=8, micro_batch=24, fsdp=4) == 8
+  assert distributed.cpu_device_count(cores=6, micro_batch=24, fsdp=4) == 4
+
+
+SPLIT_HOST = ("from jdiff.config import ParallelConfig; from jdiff.train import distributed; import jax, sys; "
+              "n = distributed.split_host_cpu(ParallelConfig(cpu_devices=int(sys.argv[1])), 12); "
+              "jax.numpy.zeros(1); print(n, jax.device_count(), distributed.split_host_cpu(ParallelConfig(), 12))")
+
+
+@pytest.mark.parametrize("cpu_devices", [0, 3])
+def test_split_host_cpu_sets_the_device_count_before_jax_starts(cpu_devices):
+  """A fresh process (JAX not started, no XLA_FLAGS) gets the asked count, or one per core dividing the batch;
+  once JAX has started, or in a multi-process job, the devices are left as they are."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", SPLIT_HOST, str(cpu_devices)], env=env, capture_output=True,
+                       text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
+  expected = cpu_devices or distributed.cpu_device_count(len(os.sched_getaffinity(0)), 12)
+  assert out == [str(expected), str(expected), "None"]
+  assert distributed.split_host_cpu(ParallelConfig(), 12) is None  # this process: XLA_FLAGS already set
+  assert distributed.split_host_cpu(ParallelConfig(distributed="on", cpu_devices=2), 12) is None

@@ -28,6 +28,7 @@ RESUME_SECTIONS = ("model", "diffusion")
 def train_and_evaluate(raw_config, workdir: str) -> TrainState:
   config = parse_config(raw_config)
   raw = raw_config.to_dict() if hasattr(raw_config, "to_dict") else dict(raw_config)
+  distributed.split_host_cpu(config.parallel, config.training.batch_size // config.training.grad_accum_steps)
   distributed.initialize(config.parallel)
   mesh = sharding.make_mesh(fsdp=config.parallel.fsdp)
   sharding.check_batch_divides(config.training.batch_size, mesh, config.training.grad_accum_steps)
