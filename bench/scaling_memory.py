@@ -2,11 +2,13 @@
 
   python bench/scaling_memory.py --config configs/cifar10.py --devices 8
   python bench/scaling_memory.py --config configs/default.py --devices 8 --batch 64
+  python bench/scaling_memory.py --config configs/cifar10.py --real_devices --layouts data,remat,bf16,bf16+remat
 
 Compiles (does not run) the jitted train step on `--devices` fake CPU devices for each layout and prints a
 Markdown table: the state (params, EMA, Adam moments) held per device, and XLA's temporary buffers per device
 (activations kept for the backward pass, gradients, collectives' buffers). Memory numbers, not speed: the
-fake CPU devices share one CPU, so their step times say nothing about a real mesh.
+fake CPU devices share one CPU, so their step times say nothing about a real mesh. With --real_devices the
+step is compiled for the machine's own devices (a GPU, say), whose compiler's memory plan can differ from the CPU's.
 """
 import argparse
 import functools
@@ -16,16 +18,33 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def apply_knob(raw, knob: str) -> None:
+  if knob.startswith("fsdp"):
+    raw.parallel.fsdp = int(knob[4:])
+  elif knob.startswith("accum"):
+    raw.training.grad_accum_steps = int(knob[5:])
+  elif knob == "remat":
+    raw.training.remat = True
+  elif knob == "bf16":
+    raw.model.dtype = "bfloat16"
+  elif knob != "data":
+    raise SystemExit(f"--layouts: unknown knob {knob!r} (data, fsdpN, accumN, remat, bf16)")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="configs/default.py")
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
   parser.add_argument("--layouts", default="data,fsdp2,fsdp8,accum4,remat,bf16",
-                      help="comma-separated: data, fsdpN, accumN, remat, bf16 (each alone on top of the config)")
+                      help="comma-separated: data, fsdpN, accumN, remat, bf16, or several joined by + "
+                           "(e.g. bf16+remat), each on top of the config")
+  parser.add_argument("--real_devices", action="store_true",
+                      help="compile for this machine's devices instead of --devices fake CPU ones")
   args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+  if not args.real_devices:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
   import importlib.util
 
@@ -47,14 +66,8 @@ def main():
     raw = module.get_config()
     if args.batch:
       raw.training.batch_size = args.batch
-    if layout.startswith("fsdp"):
-      raw.parallel.fsdp = int(layout[4:])
-    elif layout.startswith("accum"):
-      raw.training.grad_accum_steps = int(layout[5:])
-    elif layout == "remat":
-      raw.training.remat = True
-    elif layout == "bf16":
-      raw.model.dtype = "bfloat16"
+    for knob in layout.split("+"):
+      apply_knob(raw, knob)
     config = parse_config(raw)
     mesh = sharding.make_mesh(fsdp=config.parallel.fsdp)
     abstract = abstract_train_state(config)

@@ -9,8 +9,9 @@ two frameworks interleaved (A, B, A, B, ...) so that load from other processes h
   - the training step at equal batch (eps-MSE loss, global-norm clipping, AdamW, EMA; median after warm-up);
   - the first step (jdiff: trace + XLA compile + run; diffusers: eager first run);
   - 50-step DDIM sampling of a batch (jdiff: one compiled lax.scan; diffusers: its DDIMScheduler loop);
-  - achieved FLOP/s (jdiff: XLA's cost analysis of the compiled step; torch: its FlopCounterMode) against the
-    measured fp32 matmul peak of the same framework on the same device.
+  - achieved FLOP/s (jdiff: XLA's cost analysis of the step lowered for the CPU; torch: its FlopCounterMode)
+    against the measured matmul peak (fp32, or bf16 with --bf16) of the same framework on the same device.
+On a GPU both sides use TF32 for fp32 matmuls and convolutions (JAX's default there; --fp32_matmuls for full fp32).
 Runs on the first GPU of each framework when there is one, else on the CPU. Prints a Markdown table.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ from jdiff.config import parse_config  # noqa: E402
 from jdiff.generate import unet_model_fn  # noqa: E402
 from jdiff.models.unet import UNetConfig  # noqa: E402
 from jdiff.schedules import make_schedule  # noqa: E402
-from jdiff.train.state import create_train_state, make_model, param_count  # noqa: E402
+from jdiff.train import distributed, sharding  # noqa: E402
+from jdiff.train.state import abstract_train_state, create_train_state, make_model, param_count  # noqa: E402
 from jdiff.train.step import train_step  # noqa: E402
 
 PRESETS = {
@@ -46,6 +48,9 @@ PRESETS = {
     # jdiff's default digits net (1.19M parameters, 16x16x1): a quick run.
     "quick": dict(image_size=16, in_channels=1, channels=32, channel_mults="1,2,2", num_res_blocks=1,
                   attention_resolutions="8", norm_groups=8, batch=32),
+    # The DDPM CIFAR-10 layout (38.3M parameters with FiLM scale-shift) at batch 128: a GPU-sized step.
+    "large": dict(image_size=32, in_channels=3, channels=128, channel_mults="1,2,2,2", num_res_blocks=2,
+                  attention_resolutions="16", norm_groups=32, batch=128),
 }
 
 
@@ -92,25 +97,27 @@ def jdiff_config(args):
   raw.model.update(image_size=args.image_size, in_channels=args.in_channels, channels=args.channels,
                    channel_mults=args.channel_mults, num_res_blocks=args.num_res_blocks,
                    attention_resolutions=args.attention_resolutions, num_heads=1, dropout=0.0,
-                   num_classes=args.num_classes, norm_groups=args.norm_groups, dtype="float32")
+                   num_classes=args.num_classes, norm_groups=args.norm_groups,
+                   dtype="bfloat16" if args.bf16 else "float32")
   raw.diffusion.update(schedule="linear", prediction="eps", label_dropout=0.0)
   raw.sampling.update(guidance_scale=1.0)
   raw.training.update(batch_size=args.batch, warmup_steps=0, weight_decay=1e-2, grad_clip=1.0)
+  raw.parallel.update(cpu_devices=args.cpu_devices)
   return parse_config(raw)
 
 
 # Matmul peaks.
 
-def jax_matmul_peak(n: int, repeats: int = 5) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def jax_matmul_peak(n: int, dtype, repeats: int = 5) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   dot = jax.jit(jnp.dot)
   dot(a, b).block_until_ready()
   return 2 * n**3 / min(timed(lambda: dot(a, b).block_until_ready()) for _ in range(repeats))
 
 
-def torch_matmul_peak(n: int, device, repeats: int = 5) -> float:
-  a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def torch_matmul_peak(n: int, device, dtype, repeats: int = 5) -> float:
+  a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
   torch.mm(a, b)
   torch_sync(device)
   def run():
@@ -121,22 +128,39 @@ def torch_matmul_peak(n: int, device, repeats: int = 5) -> float:
 
 # Training steps.
 
+def cpu_flops(fn, *args) -> float:
+  """XLA's FLOP count of fn(*args) lowered for the CPU, whatever the device: the same count on every platform
+  (a GPU lowering has no cost analysis, and its compiled program hides convolutions in cuDNN calls)."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
+  analysis = jax.jit(fn).lower(*abstract).cost_analysis()
+  return float(analysis["flops"]) if analysis else float("nan")
+
+
 class JdiffTrainer:
+  """train.py's step: jitted over the (data, fsdp) mesh of every device, the batch split over it."""
+
   def __init__(self, config, seed: int = 0):
     self.config = config
     mc = config.model
+    self.mesh = sharding.make_mesh(fsdp=config.parallel.fsdp)
+    state_sharding = sharding.state_sharding(abstract_train_state(config), self.mesh)
+    batch_sharding, repl = sharding.batch_sharded(self.mesh), sharding.replicated(self.mesh)
     self.schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    self.state = jax.jit(functools.partial(create_train_state, config))(jax.random.key(seed))
+    self.state = jax.jit(functools.partial(create_train_state, config),
+                         out_shardings=state_sharding)(jax.random.key(seed))
     shape = (config.training.batch_size, mc.image_size, mc.image_size, mc.in_channels)
-    self.batch = {"image": jax.random.uniform(jax.random.key(1), shape, jnp.float32, -1, 1),
-                  "label": jnp.zeros(shape[:1], jnp.int32)}
+    self.batch = jax.device_put({"image": jax.random.uniform(jax.random.key(1), shape, jnp.float32, -1, 1),
+                                 "label": jnp.zeros(shape[:1], jnp.int32)}, batch_sharding)
     self.rng = jax.random.key(2)
     self.params = param_count(self.state.params)
-    step = jax.jit(functools.partial(train_step, config=config), donate_argnums=0)
+    step = jax.jit(functools.partial(train_step, config=config), donate_argnums=0,
+                   in_shardings=(state_sharding, batch_sharding, repl, repl), out_shardings=(state_sharding, repl))
     start = time.perf_counter()
     self.step_fn = step.lower(self.state, self.batch, self.rng, self.schedule).compile()
     self.compile_s = time.perf_counter() - start
-    self.flops = float(self.step_fn.cost_analysis()["flops"])
+    self.flops = cpu_flops(functools.partial(train_step, config=config), self.state, self.batch, self.rng,
+                           self.schedule)
     self.first_s = self.compile_s + self.step()
 
   def step(self) -> float:
@@ -147,13 +171,16 @@ class JdiffTrainer:
 
 
 class TorchTrainer:
-  def __init__(self, config, device, channels_last: bool, seed: int = 0):
+  def __init__(self, config, device, channels_last: bool, compile_model: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     mc, tc = config.model, config.training
     self.device = device
     self.model = diffusers_unet(mc).to(device)
     if channels_last:
       self.model = self.model.to(memory_format=torch.channels_last)
+    self.forward = torch.compile(self.model) if compile_model else self.model
+    # jdiff's model.dtype=bfloat16 keeps fp32 params and computes in bf16: torch's autocast is the same recipe.
+    self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mc.dtype == "bfloat16")
     self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
     self.params = sum(p.numel() for p in self.model.parameters())
     self.ema = [p.detach().clone() for p in self.model.parameters()]
@@ -172,8 +199,9 @@ class TorchTrainer:
     noise = torch.randn_like(self.x0)
     ab = self.alpha_bar[t].view(-1, 1, 1, 1)
     x_t = ab.sqrt() * self.x0 + (1 - ab).sqrt() * noise
-    pred = self.model(x_t, t, class_labels=self.labels).sample
-    return torch.nn.functional.mse_loss(pred, noise)
+    with self.autocast:
+      pred = self.forward(x_t, t, class_labels=self.labels).sample
+    return torch.nn.functional.mse_loss(pred.float(), noise)
 
   def update(self) -> None:
     self.opt.zero_grad(set_to_none=True)
@@ -192,8 +220,10 @@ class TorchTrainer:
   def flops(self) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
+    forward, self.forward = self.forward, self.model  # counted eagerly: a compiled graph hides its operations
     with counter:
       self.update()
+    self.forward = forward
     torch_sync(self.device)
     return float(counter.get_total_flops())
 
@@ -202,7 +232,8 @@ class TorchTrainer:
 
 def jdiff_sampler(trainer: JdiffTrainer, batch: int, steps: int):
   mc = trainer.config.model
-  model_fn = unet_model_fn(make_model(trainer.config), trainer.state.params)
+  # Sampling runs on one device, as in train.py's sample grids and jdiff.load.
+  model_fn = unet_model_fn(make_model(trainer.config), sharding.local_copy(trainer.state.params, trainer.mesh))
   noise = jax.random.normal(jax.random.key(3), (batch, mc.image_size, mc.image_size, mc.in_channels))
   labels = jnp.full((batch,), mc.num_classes, jnp.int32) if mc.num_classes else None
   return lambda: samplers.sample(model_fn, trainer.schedule, noise, labels, sampler="ddim", num_steps=steps,
@@ -222,16 +253,21 @@ def torch_sampler(trainer: TorchTrainer, batch: int, steps: int):
     x = torch.randn(batch, mc.in_channels, mc.sample_size, mc.sample_size, device=trainer.device)
     x = x.contiguous(memory_format=trainer.memory_format)
     for t in scheduler.timesteps:
-      eps = trainer.model(x, t, class_labels=labels).sample
-      x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+      with trainer.autocast:
+        eps = trainer.forward(x, t, class_labels=labels).sample
+      x = scheduler.step(eps.float(), t, x, eta=0.0).prev_sample
     torch_sync(trainer.device)
   return run
 
 
-def interleaved(fn_a, fn_b, repeats: int) -> tuple[list[float], list[float]]:
+def interleaved(fn_a, fn_b, repeats: int, pause_s: float) -> tuple[list[float], list[float]]:
+  """A, B, A, B, ...; each call after `pause_s` of rest, so that the other framework's worker threads, which
+  spin for a while after their last task (OpenMP's and Eigen's both do), have gone to sleep and take no core."""
   times_a, times_b = [], []
   for _ in range(repeats):
+    time.sleep(pause_s)
     times_a.append(fn_a())
+    time.sleep(pause_s)
     times_b.append(fn_b())
   return times_a, times_b
 
@@ -252,7 +288,18 @@ def parse_args():
   parser.add_argument("--matmul_size", type=int, default=0, help="matmul peak size; 0: 2048 on CPU, 8192 on GPU")
   parser.add_argument("--threads", type=int, default=0,
                       help="pin the process to this many CPU cores and torch to as many threads (0: all)")
+  parser.add_argument("--pause", type=float, default=1.0,
+                      help="seconds of rest before each timed call (lets the other side's threads go idle)")
+  parser.add_argument("--cpu_devices", type=int, default=0,
+                      help="jdiff on the CPU: XLA devices to split the cores into, as train.py's "
+                           "config.parallel.cpu_devices (0: one per core dividing the batch; 1: one device)")
   parser.add_argument("--torch_channels_last", action="store_true", help="run diffusers in NHWC memory format")
+  parser.add_argument("--torch_compile", action="store_true", help="wrap diffusers' net in torch.compile")
+  parser.add_argument("--bf16", action="store_true",
+                      help="bf16 compute with fp32 params on both sides (jdiff model.dtype, torch autocast)")
+  parser.add_argument("--fp32_matmuls", action="store_true",
+                      help="on GPU, full fp32 matmuls and convolutions on both sides (default: TF32 on both, "
+                           "JAX's default there)")
   args = parser.parse_args()
   for name, value in PRESETS[args.preset].items():
     if getattr(args, name) is None:
@@ -269,23 +316,29 @@ def main():
     torch.set_num_threads(args.threads)
   load_before = load()
   config = jdiff_config(args)
+  distributed.split_host_cpu(config.parallel, args.batch)  # before JAX starts its backends, as train.py does
   device = torch_device()
   on_gpu = device.type == "cuda"
+  if on_gpu:  # the same matmul precision on both sides: TF32 is JAX's default for fp32 on NVIDIA GPUs
+    jax.config.update("jax_default_matmul_precision", "highest" if args.fp32_matmuls else "default")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.fp32_matmuls
   n = args.matmul_size or (8192 if on_gpu else 2048)
   print(f"# jdiff vs diffusers: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device} "
+        f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}, "
+        f"torch {torch.__version__} on {device} "
         f"({torch.get_num_threads()} threads)", flush=True)
   print(f"load before: {load_before}", flush=True)
-  jax_peak, torch_peak = jax_matmul_peak(n), torch_matmul_peak(n, device)
+  jax_peak = jax_matmul_peak(n, jnp.bfloat16 if args.bf16 else jnp.float32)
+  torch_peak = torch_matmul_peak(n, device, torch.bfloat16 if args.bf16 else torch.float32)
 
   jd = JdiffTrainer(config)
-  th = TorchTrainer(config, device, args.torch_channels_last)
+  th = TorchTrainer(config, device, args.torch_channels_last, args.torch_compile)
   print(f"net: {config.model}\nparameters: jdiff {jd.params:,}, diffusers {th.params:,}", flush=True)
   if jd.params != th.params:
     raise SystemExit(f"parameter counts differ: jdiff {jd.params:,} vs diffusers {th.params:,}")
   torch_flops = th.flops()
-  interleaved(jd.step, th.step, args.warmup)
-  jd_times, th_times = interleaved(jd.step, th.step, args.repeats)
+  interleaved(jd.step, th.step, args.warmup, args.pause)
+  jd_times, th_times = interleaved(jd.step, th.step, args.repeats, args.pause)
   jd_step, th_step = statistics.median(jd_times), statistics.median(th_times)
 
   rows = [("training step, median (s)", f"{jd_step:.3f}", f"{th_step:.3f}", f"{th_step / jd_step:.2f}x"),
@@ -299,7 +352,7 @@ def main():
     jd_first = timed(jd_sample)
     th_first = timed(th_sample)
     jd_s, th_s = map(statistics.median, interleaved(lambda: timed(jd_sample), lambda: timed(th_sample),
-                                                   args.sample_repeats))
+                                                   args.sample_repeats, args.pause))
     rows += [(f"{args.sample_steps}-step DDIM, batch {args.sample_batch} (s)", f"{jd_s:.2f}", f"{th_s:.2f}",
               f"{th_s / jd_s:.2f}x"),
              ("first sampling call incl. compile (s)", f"{jd_first:.2f}", f"{th_first:.2f}", "")]
@@ -307,7 +360,8 @@ def main():
   rows += [("GFLOP per step (XLA cost analysis / torch FlopCounter)", f"{jd.flops / 1e9:.1f}",
             f"{torch_flops / 1e9:.1f}", ""),
            ("achieved GFLOP/s", f"{jd_rate / 1e9:.1f}", f"{th_rate / 1e9:.1f}", ""),
-           (f"fp32 matmul peak {n}x{n} (GFLOP/s)", f"{jax_peak / 1e9:.1f}", f"{torch_peak / 1e9:.1f}", ""),
+           (f"{'bf16' if args.bf16 else 'fp32'} matmul peak {n}x{n} (GFLOP/s)", f"{jax_peak / 1e9:.1f}",
+            f"{torch_peak / 1e9:.1f}", ""),
            ("achieved / own matmul peak" + (" (MFU)" if on_gpu else ""), f"{jd_rate / jax_peak:.0%}",
             f"{th_rate / torch_peak:.0%}", "")]
   print(f"\n| batch {args.batch}, {jd.params / 1e6:.2f}M parameters | jdiff | diffusers | jdiff speed-up |")
