@@ -5,6 +5,10 @@
   python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
   python sample.py --workdir runs/shapes --prompt "a red square" --negative_prompt "a small square" --guidance 5
 """
+if __name__ == "__main__":  # first, before any thread allocates: jdiff/host_memory.py
+  from jdiff.host_memory import keep_freed_memory
+  keep_freed_memory()
+
 import os
 
 import numpy as np

@@ -6,6 +6,10 @@ Any config field can be overridden, e.g. --config.training.batch_size=32. Rerunn
 --workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C saves a checkpoint and exits 0
 (docs/reliability.md).
 """
+if __name__ == "__main__":  # first, before any thread allocates: jdiff/host_memory.py
+  from jdiff.host_memory import keep_freed_memory
+  keep_freed_memory()
+
 import os
 
 from absl import app, flags, logging

@@ -17,6 +17,11 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == "__main__":  # as train.py does, for both frameworks alike (jdiff/host_memory.py)
+  from jdiff.host_memory import keep_freed_memory  # noqa: E402
+  keep_freed_memory()
 
 import jax  # noqa: E402
 
@@ -62,7 +67,9 @@ def kind_of(body: str) -> str:
 
 def main():
   args = bench.parse_args()
-  trainer = bench.JdiffTrainer(bench.jdiff_config(args))
+  config = bench.jdiff_config(args)
+  bench.distributed.split_host_cpu(config.parallel, args.batch)  # train.py's devices
+  trainer = bench.JdiffTrainer(config)
   kinds = kernel_kinds(trainer.step_fn.as_text())
   trainer.step()
   with tempfile.TemporaryDirectory() as trace_dir:

@@ -27,6 +27,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # as train.py does, for both frameworks alike (jdiff/host_memory.py)
+  from jdiff.host_memory import keep_freed_memory  # noqa: E402
+  keep_freed_memory()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
