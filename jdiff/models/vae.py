@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdiff.models.layers import AttentionBlock, Downsample, Upsample, conv3x3, default_init, group_norm
+from jdiff.models.layers import AttentionBlock, Conv1x1, Downsample, Upsample, conv3x3, group_norm
 
 DTYPES = ("float32", "bfloat16")
 LOGVAR_RANGE = (-30.0, 20.0)  # Clipped as in latent diffusion, so exp(logvar) neither underflows nor explodes.
@@ -108,7 +108,7 @@ class VAEResBlock(nn.Module):
     h = nn.silu(group_norm(h, self.groups, "norm2")).astype(self.dtype)
     h = conv3x3(self.features, self.dtype, "conv2", zero=True)(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, kernel_init=default_init, name="shortcut")(x)
+      x = Conv1x1(self.features, self.dtype, name="shortcut")(x)
     return x + h
 
 
@@ -145,8 +145,7 @@ class Encoder(nn.Module):
     h = MidBlock(cfg.norm_groups, cfg.mid_attention, dtype, name="mid")(h)
     h = nn.silu(group_norm(h, cfg.norm_groups, "norm_out")).astype(dtype)
     h = conv3x3(2 * cfg.latent_channels, dtype, "conv_out")(h)
-    return nn.Conv(2 * cfg.latent_channels, (1, 1), dtype=jnp.float32, kernel_init=default_init,
-                   name="quant_conv")(h)
+    return Conv1x1(2 * cfg.latent_channels, jnp.float32, name="quant_conv")(h)
 
 
 class Decoder(nn.Module):
@@ -157,8 +156,7 @@ class Decoder(nn.Module):
   def __call__(self, z: jax.Array) -> jax.Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    z = nn.Conv(cfg.latent_channels, (1, 1), dtype=jnp.float32, kernel_init=default_init,
-                name="post_quant_conv")(z.astype(jnp.float32))
+    z = Conv1x1(cfg.latent_channels, jnp.float32, name="post_quant_conv")(z)
     h = conv3x3(cfg.block_out_channels[-1], dtype, "conv_in")(z.astype(dtype))
     h = MidBlock(cfg.norm_groups, cfg.mid_attention, dtype, name="mid")(h)
     for level, features in reversed(list(enumerate(cfg.block_out_channels))):
