@@ -16,7 +16,8 @@ from absl import app, flags, logging
 
 import jdiff
 from jdiff import generate, runtime
-from jdiff.config import ConfigError
+from jdiff.config import ConfigError, ParallelConfig
+from jdiff.train import distributed
 from jdiff.train.checkpoint import CheckpointError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work dir that train.py wrote.", required=True)
@@ -75,6 +76,9 @@ def main(argv):
     if _BATCH.value < 1:
       raise ValueError(f"--batch_size={_BATCH.value} must be at least 1")
     out = output_path()
+    # On the CPU, one XLA device per core that divides a call's batch, as train.py does: sampling splits the
+    # batch over them (config.parallel.cpu_devices).
+    distributed.split_host_cpu(ParallelConfig(), _INTERPOLATE.value or min(_NUM.value, _BATCH.value))
     pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
     options = dict(sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value, guidance=_GUIDANCE.value,
                    guidance_rescale=_RESCALE.value, negative_label=_NEGATIVE.value, eta=_ETA.value,

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from jdiff import samplers  # noqa: E402
 from jdiff.config import parse_config  # noqa: E402
-from jdiff.generate import unet_model_fn  # noqa: E402
+from jdiff.generate import spread_batch, unet_model_fn  # noqa: E402
 from jdiff.models.unet import UNetConfig  # noqa: E402
 from jdiff.schedules import make_schedule  # noqa: E402
 from jdiff.train import distributed, sharding  # noqa: E402
@@ -236,9 +236,11 @@ class TorchTrainer:
 
 def jdiff_sampler(trainer: JdiffTrainer, batch: int, steps: int):
   mc = trainer.config.model
-  # Sampling runs on one device, as in train.py's sample grids and jdiff.load.
-  model_fn = unet_model_fn(make_model(trainer.config), sharding.local_copy(trainer.state.params, trainer.mesh))
+  # The batch split over the devices holding the params, as in train.py's sample grids and jdiff.load.
+  params = sharding.local_replica(trainer.state.params, trainer.mesh)
+  model_fn = unet_model_fn(make_model(trainer.config), params)
   noise = jax.random.normal(jax.random.key(3), (batch, mc.image_size, mc.image_size, mc.in_channels))
+  (noise,) = spread_batch(params, noise)
   labels = jnp.full((batch,), mc.num_classes, jnp.int32) if mc.num_classes else None
   return lambda: samplers.sample(model_fn, trainer.schedule, noise, labels, sampler="ddim", num_steps=steps,
                                  parameterisation="eps", spacing="leading").block_until_ready()

@@ -36,6 +36,21 @@ def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidan
                          parameterisation=prediction, rng=keys, eta=eta, spacing=spacing)
 
 
+def spread_batch(params, *batch_arrays):
+  """The arrays split along their batch axis over the devices that hold `params`, when params are replicated on
+  several (jdiff.load's, and train.py's without FSDP) and the batch divides evenly: one sampling call then runs
+  on all of them. Otherwise the arrays as they are."""
+  sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
+  if sharding is None or len(sharding.device_set) < 2 or not sharding.is_fully_replicated:
+    return batch_arrays
+  devices = sorted(sharding.device_set, key=lambda d: d.id)
+  if len(batch_arrays[0]) % len(devices):
+    return batch_arrays
+  split = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("batch",)),
+                                     jax.sharding.PartitionSpec("batch"))
+  return tuple(jax.device_put(a, split) for a in batch_arrays)
+
+
 def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=None, negative_labels=None,
                 prediction: str = "eps", sampler: str = "ddim", num_steps: int = 50, spacing: str = "trailing",
                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0, eta: float | None = None):
@@ -47,6 +62,7 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
   prompt's, [L] or [B, L]: the empty prompt's for classifier-free guidance.
   """
   eta = samplers.DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
+  noise, keys = spread_batch(params, noise, keys)
   if isinstance(model, TextToImageUNet):
     if labels is None or negative_labels is None:
       raise ValueError("a text model samples from prompt token ids (labels) and the negative or empty prompt's "

@@ -288,7 +288,9 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
   if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}; available steps: "
                             f"{', '.join(map(str, sorted(steps)))}")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # Params on every local device: sampling splits its batch over them (generate.spread_batch).
+  device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",)),
+                                      jax.sharding.PartitionSpec())
 
   def restore(s: int) -> Pipeline:
     raw = checkpoint.restore_config_checked(manager, s)

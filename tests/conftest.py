@@ -11,6 +11,10 @@ os.environ.setdefault("TFDS_DATA_DIR", os.path.join(_HERE, "..", ".pytest_cache"
 
 import jax  # noqa: E402
 
+from jdiff.host_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as train.py does: XLA:CPU's temporaries are reused, not faulted in again each call
+
 CACHE_DIR = os.environ.get("JDIFF_TEST_CACHE", os.path.join(_HERE, "..", ".pytest_cache", "jax"))
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jdiff import generate
 from jdiff.config import ConfigError, ParallelConfig, parse_config
 from jdiff.schedules import make_schedule
 from jdiff.train import distributed, sharding
 from jdiff.train.loop import train_and_evaluate
-from jdiff.train.state import abstract_train_state, create_train_state
+from jdiff.train.state import abstract_train_state, create_train_state, make_model
 from jdiff.train.step import loss_and_grads, train_step
 from tests.test_train import fixed_batch, tiny_config
 
@@ -229,3 +230,23 @@ def test_split_host_cpu_sets_the_device_count_before_jax_starts(cpu_devices):
   assert out == [str(expected), str(expected), "None"]
   assert distributed.split_host_cpu(ParallelConfig(), 12) is None  # this process: XLA_FLAGS already set
   assert distributed.split_host_cpu(ParallelConfig(distributed="on", cpu_devices=2), 12) is None
+
+
+def test_sampling_splits_the_batch_over_the_params_devices(start_state):
+  """Params replicated on the 8 devices (as jdiff.load puts them): a batch of 8 runs one image per device, with
+  the images of a one-device run; a batch of 6, which does not divide, stays whole."""
+  config = parsed()
+  model, schedule = make_model(config), make_schedule("cosine", 1000)
+  mesh = sharding.make_mesh()
+  replicated = jax.device_put(start_state.params, sharding.replicated(mesh))
+  noise, keys = generate.seeded_noise(model, np.arange(8))
+  spread, _ = generate.spread_batch(replicated, noise, keys)
+  assert spread.sharding.spec == P("batch") and len(spread.sharding.device_set) == 8
+  six = noise[:6]
+  assert generate.spread_batch(replicated, six)[0] is six
+  assert generate.spread_batch(start_state.params, noise)[0] is noise  # params on one device
+  sample = lambda params: generate.sample_unet(model, params, schedule, noise, keys, sampler="ddim", num_steps=3,
+                                               prediction=config.diffusion.prediction)
+  split, whole = sample(replicated), sample(jax.device_put(start_state.params, jax.devices()[0]))
+  assert len(split.sharding.device_set) == 8
+  np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)

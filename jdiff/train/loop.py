@@ -149,8 +149,9 @@ def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str,
   """Samples with the EMA params and the config's sampling settings (decoding latents with `codec`, if given);
   logs the grid and writes it as PNG.
 
-  With a mesh, the EMA params are first gathered onto this process's first device, and every process samples
-  the same grid there on its own (no collectives; the params may be sharded over devices of other processes).
+  With a mesh, the EMA params are first gathered whole onto each of this process's devices, and every process
+  samples the same grid on its own, the batch split over its devices (no collectives; the params may be sharded
+  over devices of other processes).
   """
   sc, num_classes = config.sampling, config.model.num_classes
   seeds = np.arange(sc.num_samples)
@@ -161,7 +162,7 @@ def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str,
     num_classes = len(prompts)
     labels = config.text.tokenizer().encode([prompts[i % num_classes] for i in seeds])
     negatives = config.text.tokenizer().encode("")
-  params = state.ema_params if mesh is None else sharding.local_copy(state.ema_params, mesh)
+  params = state.ema_params if mesh is None else sharding.local_replica(state.ema_params, mesh)
   images = generate.generate(make_model(config), params, schedule, seeds=seeds, labels=labels,
                              negative_labels=negatives, prediction=config.diffusion.prediction, sampler=sc.sampler,
                              num_steps=sc.num_steps, spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)

@@ -86,7 +86,15 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
-def local_copy(tree, mesh: Mesh):
-  """The tree gathered whole onto this process's first device (for sampling, which then runs process-locally)."""
+def local_replica(tree, mesh: Mesh):
+  """The tree gathered whole onto every device of this process: sampling then runs process-locally and splits its
+  batch over those devices (generate.spread_batch)."""
   gathered = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
-  return jax.tree_util.tree_map(lambda x: x.addressable_data(0), gathered)
+  devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  local = NamedSharding(Mesh(np.array(devices), ("batch",)), P())
+
+  def on_local_devices(x: jax.Array) -> jax.Array:
+    shard = {s.device: s.data for s in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(x.shape, local, [shard[d] for d in devices])
+
+  return jax.tree_util.tree_map(on_local_devices, gathered)
