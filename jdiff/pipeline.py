@@ -289,8 +289,8 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
     raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}; available steps: "
                             f"{', '.join(map(str, sorted(steps)))}")
   # Params on every local device: sampling splits its batch over them (generate.spread_batch).
-  device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",)),
-                                      jax.sharding.PartitionSpec())
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",)),
+                                          jax.sharding.PartitionSpec())
 
   def restore(s: int) -> Pipeline:
     raw = checkpoint.restore_config_checked(manager, s)
@@ -298,7 +298,7 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
       raise ConfigError(f"work dir {workdir!r} holds a VAE, not a diffusion model: sample from a latent diffusion "
                         "work dir that uses it, or measure it with bench/vae_psnr.py")
     config = parse_config(raw)
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                                       abstract_train_state(config))
     state = checkpoint.restore_checked(manager, s, abstract)
     codec = latent.load_codec(config) if config.latent.enabled else None
