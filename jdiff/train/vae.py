@@ -20,9 +20,9 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from jdiff import data, generate
-from jdiff.config import ConfigError, VAETrainConfig, parse_vae_config
+from jdiff.config import ConfigError, ParallelConfig, VAETrainConfig, parse_vae_config
 from jdiff.models.vae import AutoencoderKL, VAEConfig, init_vae_params
-from jdiff.train import checkpoint, sharding
+from jdiff.train import checkpoint, distributed, sharding
 from jdiff.train import loop as diffusion_loop  # a module import: the loop imports this module too (via latent)
 from jdiff.train.state import TrainState, ema_decay_at, learning_rate_schedule, make_optimizer, param_count
 
@@ -65,6 +65,7 @@ def train_vae(raw_config, workdir: str) -> TrainState:
   """Trains (or resumes) the VAE of a configs/vae_*.py config in `workdir`; returns the final state."""
   config = parse_vae_config(raw_config)
   raw = raw_config.to_dict() if hasattr(raw_config, "to_dict") else dict(raw_config)
+  distributed.split_host_cpu(ParallelConfig(), config.training.batch_size)  # one CPU device per core, as train.py
   mesh = sharding.make_mesh()
   sharding.check_batch_divides(config.training.batch_size, mesh)
   channels = data.dataset_info(config.data).image_shape[-1]
