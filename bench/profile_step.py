@@ -19,7 +19,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-if __name__ == "__main__":  # as train.py does, for both frameworks alike (jdiff/host_memory.py)
+if __name__ == "__main__":  # as train.py does (jdiff/host_memory.py)
   from jdiff.host_memory import keep_freed_memory  # noqa: E402
   keep_freed_memory()
 

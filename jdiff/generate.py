@@ -18,6 +18,7 @@ from jdiff import samplers
 from jdiff.models.text import TextToImageUNet
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule
+from jdiff.train import sharding
 
 
 def unet_model_fn(model: UNet | TextToImageUNet, params):
@@ -40,14 +41,13 @@ def spread_batch(params, *batch_arrays):
   """The arrays split along their batch axis over the devices that hold `params`, when params are replicated on
   several (jdiff.load's, and train.py's without FSDP) and the batch divides evenly: one sampling call then runs
   on all of them. Otherwise the arrays as they are."""
-  sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
-  if sharding is None or len(sharding.device_set) < 2 or not sharding.is_fully_replicated:
+  held = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
+  if held is None or len(held.device_set) < 2 or not held.is_fully_replicated:
     return batch_arrays
-  devices = sorted(sharding.device_set, key=lambda d: d.id)
+  devices = sorted(held.device_set, key=lambda d: d.id)
   if len(batch_arrays[0]) % len(devices):
     return batch_arrays
-  split = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("batch",)),
-                                     jax.sharding.PartitionSpec("batch"))
+  split = sharding.over_devices(devices, jax.sharding.PartitionSpec("batch"))
   return tuple(jax.device_put(a, split) for a in batch_arrays)
 
 

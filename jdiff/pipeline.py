@@ -29,7 +29,7 @@ from jdiff.config import Config, ConfigError, is_vae_config, parse_config
 from jdiff.data import model_range_to_uint8, uint8_to_model_range
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule, make_schedule
-from jdiff.train import checkpoint, latent
+from jdiff.train import checkpoint, latent, sharding
 from jdiff.train.state import abstract_train_state, make_model
 
 
@@ -289,8 +289,7 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
     raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}; available steps: "
                             f"{', '.join(map(str, sorted(steps)))}")
   # Params on every local device: sampling splits its batch over them (generate.spread_batch).
-  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",)),
-                                          jax.sharding.PartitionSpec())
+  replicated = sharding.over_devices(jax.local_devices())
 
   def restore(s: int) -> Pipeline:
     raw = checkpoint.restore_config_checked(manager, s)

@@ -86,12 +86,17 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def over_devices(devices, spec: P = P()) -> NamedSharding:
+  """A one-axis ('batch') sharding over `devices`: P() replicates, P('batch') splits the batch over them."""
+  return NamedSharding(Mesh(np.array(devices), ("batch",)), spec)
+
+
 def local_replica(tree, mesh: Mesh):
   """The tree gathered whole onto every device of this process: sampling then runs process-locally and splits its
   batch over those devices (generate.spread_batch)."""
   gathered = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
   devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-  local = NamedSharding(Mesh(np.array(devices), ("batch",)), P())
+  local = over_devices(devices)
 
   def on_local_devices(x: jax.Array) -> jax.Array:
     shard = {s.device: s.data for s in x.addressable_shards}
