@@ -44,10 +44,13 @@ def spread_batch(params, *batch_arrays):
   held = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
   if held is None or len(held.device_set) < 2 or not held.is_fully_replicated:
     return batch_arrays
-  devices = sorted(held.device_set, key=lambda d: d.id)
-  if len(batch_arrays[0]) % len(devices):
+  if len(batch_arrays[0]) % len(held.device_set):
     return batch_arrays
-  split = sharding.over_devices(devices, jax.sharding.PartitionSpec("batch"))
+  if isinstance(held, jax.sharding.NamedSharding):
+    # On the params' own mesh: a program with custom-partitioned ops (oneDNN convolutions) takes one mesh only.
+    split = jax.sharding.NamedSharding(held.mesh, jax.sharding.PartitionSpec(held.mesh.axis_names))
+  else:
+    split = sharding.over_devices(sorted(held.device_set, key=lambda d: d.id), jax.sharding.PartitionSpec("batch"))
   return tuple(jax.device_put(a, split) for a in batch_arrays)
 
 

@@ -241,7 +241,8 @@ def test_sampling_splits_the_batch_over_the_params_devices(start_state):
   replicated = jax.device_put(start_state.params, sharding.replicated(mesh))
   noise, keys = generate.seeded_noise(model, np.arange(8))
   spread, _ = generate.spread_batch(replicated, noise, keys)
-  assert spread.sharding.spec == P("batch") and len(spread.sharding.device_set) == 8
+  assert spread.sharding.mesh == mesh and spread.sharding.spec == P(("data", "fsdp"))
+  assert len(spread.sharding.device_set) == 8
   six = noise[:6]
   assert generate.spread_batch(replicated, six)[0] is six
   assert generate.spread_batch(start_state.params, noise)[0] is noise  # params on one device
