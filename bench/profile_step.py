@@ -32,7 +32,7 @@ STEPS = 2
 
 def kernel_kinds(hlo: str) -> dict[str, str]:
   """Fusion/kernel name -> kind, read from the computation each fusion calls."""
-  bodies, current, calls = {}, None, {}
+  bodies, current, calls, custom = {}, None, {}, {}
   for line in hlo.splitlines():
     header = re.match(r"^%?([\w.\-]+) .*\{$", line)
     if header:
@@ -43,7 +43,10 @@ def kernel_kinds(hlo: str) -> dict[str, str]:
     call = re.match(r"\s*%?([\w.\-]+) = .*calls=%?([\w.\-]+)", line)
     if call:
       calls[call.group(1)] = call.group(2)
-  return {name: kind_of("\n".join(bodies.get(body, []))) for name, body in calls.items()}
+    onednn = re.match(r'\s*%?([\w.\-]+) = .*custom_call_target="jdiff_onednn_conv_(\w+)"', line)
+    if onednn:  # jdiff/models/onednn.py's convolutions: no fusion, the custom call runs as its own kernel
+      custom[onednn.group(1)] = "oneDNN conv 3x3 " + onednn.group(2).replace("_", " ")
+  return {**{name: kind_of("\n".join(bodies.get(body, []))) for name, body in calls.items()}, **custom}
 
 
 def kind_of(body: str) -> str:

@@ -39,6 +39,7 @@ from configs import default as default_config  # noqa: E402
 from jdiff import samplers  # noqa: E402
 from jdiff.config import parse_config  # noqa: E402
 from jdiff.generate import spread_batch, unet_model_fn  # noqa: E402
+from jdiff.models import onednn  # noqa: E402
 from jdiff.models.unet import UNetConfig  # noqa: E402
 from jdiff.schedules import make_schedule  # noqa: E402
 from jdiff.train import distributed, sharding  # noqa: E402
@@ -133,11 +134,13 @@ def torch_matmul_peak(n: int, device, dtype, repeats: int = 5) -> float:
 # Training steps.
 
 def cpu_flops(fn, *args) -> float:
-  """XLA's FLOP count of fn(*args) lowered for the CPU, whatever the device: the same count on every platform
-  (a GPU lowering has no cost analysis, and its compiled program hides convolutions in cuDNN calls)."""
+  """XLA's FLOP count of fn(*args) lowered for the CPU with XLA's own convolutions, whatever the device: the same
+  count on every platform (a GPU lowering has no cost analysis, and its compiled program hides convolutions in
+  cuDNN calls)."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
-  analysis = jax.jit(fn).lower(*abstract).cost_analysis()
+  with onednn.xla_only():  # XLA counts no FLOPs in custom calls, so oneDNN's convolutions would go uncounted
+    analysis = jax.jit(fn).lower(*abstract).cost_analysis()
   return float(analysis["flops"]) if analysis else float("nan")
 
 
