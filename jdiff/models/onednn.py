@@ -38,25 +38,25 @@ _TARGETS = {"jdiff_onednn_conv_forward": "JdiffConvForward", "jdiff_onednn_conv_
             "jdiff_onednn_conv_weight_grad": "JdiffConvWeightGrad"}
 
 
+def _library_dir(root: Path) -> Path | None:
+  return next((root / lib for lib in ("lib", "lib/x86_64-linux-gnu", "lib64") if (root / lib / "libdnnl.so").exists()),
+              None)
+
+
 def _onednn_root() -> Path | None:
   """The prefix holding oneDNN's headers and library: this Python's (pip wheels) or the system's (apt)."""
   for root in (Path(sys.prefix), Path(site.USER_BASE or sys.prefix), Path("/usr/local"), Path("/usr")):
-    headers = (root / "include/oneapi/dnnl/dnnl.hpp").exists()
-    library = any((root / lib / "libdnnl.so").exists() for lib in ("lib", "lib/x86_64-linux-gnu", "lib64"))
-    if headers and library:
+    if (root / "include/oneapi/dnnl/dnnl.hpp").exists() and _library_dir(root):
       return root
   return None
-
-
-def _library_dir(root: Path) -> Path:
-  return next(root / lib for lib in ("lib", "lib/x86_64-linux-gnu", "lib64") if (root / lib / "libdnnl.so").exists())
 
 
 def _build(root: Path) -> Path:
   """Compiles the FFI library into the cache unless this source, jaxlib and oneDNN already have one there."""
   import jaxlib
   libdir = _library_dir(root)
-  stamp = hashlib.sha256(_SOURCE.read_bytes() + f"{jaxlib.__version__} {libdir.resolve()}".encode()).hexdigest()
+  onednn = (libdir / "libdnnl.so").resolve()  # the versioned file, e.g. libdnnl.so.3.2
+  stamp = hashlib.sha256(_SOURCE.read_bytes() + f"{jaxlib.__version__} {onednn}".encode()).hexdigest()
   cache = Path(os.environ.get("JDIFF_CACHE_DIR", Path.home() / ".cache" / "jdiff"))
   target = cache / f"onednn_conv-{stamp[:16]}.so"
   if target.exists():
