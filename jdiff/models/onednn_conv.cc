@@ -107,7 +107,7 @@ ffi::Error run(Kind kind, Shape s, float* x, float* weights, float* y) {
     memory user_weights(plan->user_weights, eng, weights);
     memory plan_weights = plan->reorder ? memory(plan->weights, eng) : user_weights;
     // Each call its own scratchpad, so devices can run one primitive at once; uninitialised, oneDNN writes it.
-    std::unique_ptr<char[]> scratch(new char[plan->scratchpad.get_size() + 1]);
+    std::unique_ptr<char[]> scratch(new char[plan->scratchpad.get_size()]);
     memory scratchpad(plan->scratchpad, eng, scratch.get());
     if (plan->reorder && kind != Kind::kWeightGrad) plan->to_plan.execute(stream, user_weights, plan_weights);
     if (kind == Kind::kForward) {
