@@ -46,6 +46,8 @@ _PROMPT = flags.DEFINE_string("prompt", None, "Text models: the prompt of every 
 _NEGATIVE_PROMPT = flags.DEFINE_string("negative_prompt", None, "Text models: a prompt to steer away from, in place "
                                        "of the empty prompt.")
 flags.DEFINE_alias("negative-prompt", "negative_prompt")
+_CLIP = flags.DEFINE_bool("clip_x0", None, "Clip each denoised estimate to [-1, 1] (--noclip_x0: don't); default: "
+                          "the config's, which clips pixel models and not latent ones.")
 _PROMPT_END = flags.DEFINE_string("prompt_end", None, "Last frames' prompt for --interpolate (default: --prompt).")
 
 
@@ -82,7 +84,7 @@ def main(argv):
     pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
     options = dict(sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value, guidance=_GUIDANCE.value,
                    guidance_rescale=_RESCALE.value, negative_label=_NEGATIVE.value, eta=_ETA.value,
-                   negative_prompt=_NEGATIVE_PROMPT.value)
+                   negative_prompt=_NEGATIVE_PROMPT.value, clip_x0=_CLIP.value)
     if _INTERPOLATE.value:
       samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
                                  label_end=_LABEL_END.value, prompt=_PROMPT.value, prompt_end=_PROMPT_END.value,

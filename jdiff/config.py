@@ -84,6 +84,8 @@ class SamplingConfig:
   guidance_scale: float = 1.0
   eta: float = 0.0
   num_samples: int = 64
+  # Clip each denoised estimate to [-1, 1]: None decides from the data range (on for pixels, off for latents).
+  clip_x0: bool | None = None
 
   def __post_init__(self):
     _check_choice("sampler", self.sampler, samplers.SAMPLERS)
@@ -213,6 +215,13 @@ class Config:
   parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
   text: TextConfig = dataclasses.field(default_factory=TextConfig)
   latent: LatentConfig = dataclasses.field(default_factory=LatentConfig)
+
+  @property
+  def clip_x0(self) -> bool:
+    """Whether sampling clips the denoised estimate to [-1, 1]: pixels live there, a VAE's scaled latents do not."""
+    if self.sampling.clip_x0 is not None:
+      return self.sampling.clip_x0
+    return not self.latent.enabled
 
 
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig,

@@ -26,15 +26,17 @@ def unet_model_fn(model: UNet | TextToImageUNet, params):
   return lambda x, t, cond: model.apply({"params": params}, x, t, cond)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prediction", "sampler", "num_steps", "spacing", "guided"))
+@functools.partial(jax.jit, static_argnames=("model", "prediction", "sampler", "num_steps", "spacing", "guided",
+                                             "clip_x0"))
 def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidance_scale, guidance_rescale, eta, *,
-                 model: UNet, prediction: str, sampler: str, num_steps: int, spacing: str, guided: bool):
+                 model: UNet, prediction: str, sampler: str, num_steps: int, spacing: str, guided: bool,
+                 clip_x0: bool):
   model_fn = unet_model_fn(model, params)
   if guided:
     model_fn = samplers.guided_model_fn(model_fn, guidance_scale=guidance_scale, uncond=uncond,
                                         guidance_rescale=guidance_rescale)
   return samplers.sample(model_fn, schedule, noise, labels, sampler=sampler, num_steps=num_steps,
-                         parameterisation=prediction, rng=keys, eta=eta, spacing=spacing)
+                         parameterisation=prediction, rng=keys, eta=eta, spacing=spacing, clip_x0=clip_x0)
 
 
 def spread_batch(params, *batch_arrays):
@@ -56,8 +58,10 @@ def spread_batch(params, *batch_arrays):
 
 def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=None, negative_labels=None,
                 prediction: str = "eps", sampler: str = "ddim", num_steps: int = 50, spacing: str = "trailing",
-                guidance_scale: float = 1.0, guidance_rescale: float = 0.0, eta: float | None = None):
-  """Images in [-1, 1] from initial noise [B, H, W, C] and per-example keys [B] for stochastic samplers.
+                guidance_scale: float = 1.0, guidance_rescale: float = 0.0, eta: float | None = None,
+                clip_x0: bool = True):
+  """Samples (images in [-1, 1], or latents) from initial noise [B, H, W, C] and per-example keys [B] for
+  stochastic samplers. clip_x0: clip each denoised estimate to [-1, 1]; right for pixels, wrong for latents.
 
   For a class-conditional model, guidance steers from `negative_labels` (default: the null class, i.e.
   classifier-free guidance) toward `labels` (default: all null, i.e. unconditional samples).
@@ -73,7 +77,8 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
     return _sample_unet(params, schedule, noise, keys, jnp.asarray(labels, jnp.int32),
                         jnp.asarray(negative_labels, jnp.int32), jnp.float32(guidance_scale),
                         jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
-                        sampler=sampler, num_steps=num_steps, spacing=spacing, guided=guidance_scale != 1.0)
+                        sampler=sampler, num_steps=num_steps, spacing=spacing, guided=guidance_scale != 1.0,
+                        clip_x0=clip_x0)
   num_classes = model.config.num_classes
   if num_classes:
     null = jnp.full((noise.shape[0],), num_classes, jnp.int32)
@@ -84,15 +89,16 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
   guided = bool(num_classes) and (guidance_scale != 1.0 or negative_labels is not None)
   return _sample_unet(params, schedule, noise, keys, labels, uncond, jnp.float32(guidance_scale),
                       jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
-                      sampler=sampler, num_steps=num_steps, spacing=spacing, guided=guided)
+                      sampler=sampler, num_steps=num_steps, spacing=spacing, guided=guided, clip_x0=clip_x0)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prediction", "num_steps", "spacing", "refine"))
+@functools.partial(jax.jit, static_argnames=("model", "prediction", "num_steps", "spacing", "refine", "clip_x0"))
 def invert_unet(params, schedule: Schedule, x0, labels, *, model: UNet, prediction: str, num_steps: int,
-                spacing: str = "trailing", refine: int = 0):
-  """DDIM inversion of images x0 in [-1, 1] into the initial noise that 'ddim' at eta 0 decodes back to them."""
+                spacing: str = "trailing", refine: int = 0, clip_x0: bool = True):
+  """DDIM inversion of x0 (images in [-1, 1], or latents) into the initial noise that 'ddim' at eta 0 with the same
+  clip_x0 decodes back to them."""
   return samplers.ddim_invert(unet_model_fn(model, params), schedule, x0, labels, num_steps=num_steps,
-                              parameterisation=prediction, spacing=spacing, refine=refine)
+                              parameterisation=prediction, spacing=spacing, refine=refine, clip_x0=clip_x0)
 
 
 def seeded_noise(model: UNet, seeds):

@@ -66,7 +66,8 @@ class Pipeline:
       config.text.sample_prompts ("" is the unconditional prompt).
     options (unset ones come from the config's sampling section): sampler, steps, spacing, guidance,
       guidance_rescale, negative_label (a class to steer away from instead of the null class), negative_prompt
-      (text models: a prompt to steer away from instead of the empty one), eta.
+      (text models: a prompt to steer away from instead of the empty one), eta, clip_x0 (clip each denoised
+      estimate to [-1, 1]; the config decides by default: on for pixel models, off for latent ones).
     """
     options = self._sampling_options(**options)
     if num < 1 or batch_size < 1:
@@ -118,10 +119,10 @@ class Pipeline:
 
   def invert(self, images: np.ndarray, *, label: int | Sequence[int] | None = None,
              prompt: str | Sequence[str] | None = None, steps: int | None = None, spacing: str | None = None,
-             refine: int = 0) -> np.ndarray:
+             refine: int = 0, clip_x0: bool | None = None) -> np.ndarray:
     """DDIM inversion: the initial noise [N, H, W, C] from which `decode` (DDIM, eta 0, no guidance, same
     steps and spacing) reproduces uint8 `images`. refine > 0 adds fixed-point iterations per step."""
-    options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing)
+    options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing, clip_x0=clip_x0)
     expected = self.image_shape
     if np.asarray(images).dtype != np.uint8 or np.ndim(images) != 4 or np.shape(images)[1:] != expected:
       raise ValueError(f"images must be uint8 [N, {', '.join(map(str, expected))}], got "
@@ -132,13 +133,15 @@ class Pipeline:
       x0 = self.codec.encode(x0)  # the posterior mean; the returned noise is latent-shaped
     return np.asarray(gen.invert_unet(self.params, self.schedule, x0, labels,
                                       model=self.model, prediction=self.config.diffusion.prediction,
-                                      num_steps=options["num_steps"], spacing=options["spacing"], refine=refine))
+                                      num_steps=options["num_steps"], spacing=options["spacing"], refine=refine,
+                                      clip_x0=options["clip_x0"]))
 
   def decode(self, noise: np.ndarray, *, label: int | Sequence[int] | None = None,
              prompt: str | Sequence[str] | None = None, steps: int | None = None,
-             spacing: str | None = None) -> np.ndarray:
+             spacing: str | None = None, clip_x0: bool | None = None) -> np.ndarray:
     """uint8 images sampled deterministically (DDIM, eta 0, no guidance) from given initial noise."""
-    options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing, guidance=1.0, eta=0.0)
+    options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing, guidance=1.0, eta=0.0,
+                                     clip_x0=clip_x0)
     mc = self.config.model
     expected = (mc.image_size, mc.image_size, mc.in_channels)
     noise = np.asarray(noise)
@@ -159,7 +162,7 @@ class Pipeline:
   def _sampling_options(self, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
                         guidance: float | None = None, guidance_rescale: float = 0.0,
                         negative_label: int | None = None, negative_prompt: str | None = None,
-                        eta: float | None = None) -> dict:
+                        eta: float | None = None, clip_x0: bool | None = None) -> dict:
     """The sampler's keyword arguments, defaults filled in from the config and every value checked."""
     sc = self.config.sampling
     sampler, spacing = sampler or sc.sampler, spacing or sc.spacing
@@ -178,7 +181,7 @@ class Pipeline:
                        "(config.model.context_dim=0)")
     return dict(sampler=sampler, num_steps=steps, spacing=spacing, guidance_rescale=guidance_rescale,
                 guidance_scale=self._check_guidance(sc.guidance_scale if guidance is None else guidance),
-                negative_label=negative, eta=eta)
+                negative_label=negative, eta=eta, clip_x0=self.config.clip_x0 if clip_x0 is None else bool(clip_x0))
 
   def _generate_padded(self, seeds, labels, size: int, options: dict) -> np.ndarray:
     """Pads a short last chunk to `size`, so every chunk reuses one compiled program."""

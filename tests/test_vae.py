@@ -13,6 +13,7 @@ from ml_collections import ConfigDict
 import jdiff
 from configs import tiny, vae_digits, vae_sd15
 from jdiff import data
+from jdiff import generate as gen
 from jdiff.config import ConfigError, parse_config, parse_vae_config
 from jdiff.data import DataConfig
 from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, init_vae_params, vae_param_count
@@ -183,3 +184,24 @@ def test_latent_config_errors_name_the_field(latent_run, tmp_path):
     train_and_evaluate(raw, str(root / "ldm"))  # resuming must keep the VAE (and factor) it started with
   with pytest.raises(ConfigError, match=r"config.latent: encode='median' .* one of sample, mean"):
     parse_config(dict(tiny_latent_config(data_dir, root / "vae").to_dict(), latent=dict(encode="median")))
+
+
+def test_latent_models_sample_unclipped_latents_and_pixel_models_clip(latent_run, monkeypatch):
+  root, _ = latent_run
+  pipe = jdiff.load(str(root / "ldm"))
+  assert pipe.config.clip_x0 is False and parse_config(tiny.get_config()).clip_x0 is True
+  overridden = tiny.get_config()
+  overridden.sampling.clip_x0 = False
+  assert parse_config(overridden).clip_x0 is False
+  noise, keys = gen.seeded_noise(pipe.model, np.arange(8))
+  sample = lambda clip: np.asarray(gen.sample_unet(pipe.model, pipe.params, pipe.schedule, noise, keys,
+                                                   prediction="v", num_steps=3, clip_x0=clip))
+  # A barely trained latent U-Net predicts latents of about unit scale: a third of them lie outside [-1, 1].
+  assert np.mean(np.abs(sample(False)) > 1.0) > 0.1 and np.abs(sample(True)).max() <= 1.0
+  used = []
+  real = gen.sample_unet
+  monkeypatch.setattr(gen, "sample_unet", lambda *a, **k: used.append(k["clip_x0"]) or real(*a, **k))
+  pipe.generate(2, steps=2)
+  pipe.generate(2, steps=2, clip_x0=True)
+  pipe.decode(np.asarray(noise[:2]), steps=2)
+  assert used == [False, True, False]

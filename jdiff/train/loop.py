@@ -165,7 +165,8 @@ def write_sample_grid(config: Config, state: TrainState, schedule, workdir: str,
   params = state.ema_params if mesh is None else sharding.local_replica(state.ema_params, mesh)
   images = generate.generate(make_model(config), params, schedule, seeds=seeds, labels=labels,
                              negative_labels=negatives, prediction=config.diffusion.prediction, sampler=sc.sampler,
-                             num_steps=sc.num_steps, spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta)
+                             num_steps=sc.num_steps, spacing=sc.spacing, guidance_scale=sc.guidance_scale, eta=sc.eta,
+                             clip_x0=config.clip_x0)
   if codec:
     images = codec.decode(images)
   columns = num_classes if num_classes and sc.num_samples % num_classes == 0 else None
