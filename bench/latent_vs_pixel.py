@@ -21,14 +21,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import latent_digits, vae_digits  # noqa: E402
-from jdiff import generate  # noqa: E402
+from jdiff import latent  # noqa: E402
+from jdiff.build import param_count  # noqa: E402
 from jdiff.config import parse_config, parse_vae_config  # noqa: E402
+from jdiff.configs import latent_digits, vae_digits  # noqa: E402
 from jdiff.models.vae import AutoencoderKL, init_vae_params  # noqa: E402
+from jdiff.pipeline import Pipeline  # noqa: E402
 from jdiff.schedules import make_schedule  # noqa: E402
-from jdiff.train import latent  # noqa: E402
-from jdiff.train.state import create_train_state, make_model, param_count  # noqa: E402
-from jdiff.train.step import train_step  # noqa: E402
+from jdiff.train.step import create_train_state, train_step  # noqa: E402
 
 
 def configs():
@@ -61,13 +61,8 @@ def measure(config, codec, args) -> tuple[float, float]:
            "label": rng.integers(0, 10, args.batch).astype(np.int32)}
   encode = (lambda b: b) if codec is None else (lambda b: dict(b, image=codec.encode(b["image"], jax.random.key(1))))
   train = lambda: step(state, encode(batch), jax.random.key(0), schedule)[1]["loss"]
-  seeds = np.arange(args.num)
-
-  def sample():
-    out = generate.generate(make_model(config), state.ema_params, schedule, seeds=seeds, labels=seeds % 10,
-                            prediction=config.diffusion.prediction, sampler="ddim", num_steps=args.steps,
-                            guidance_scale=3.0)
-    return out if codec is None else codec.decode(out)
+  pipe = Pipeline(config=config, params=state.ema_params, codec=codec)
+  sample = lambda: pipe.generate(num=args.num, sampler="ddim", steps=args.steps, guidance_scale=3.0).images
   return median_seconds(train, args.repeats), median_seconds(sample, max(1, args.repeats // 2))
 
 

@@ -1,6 +1,6 @@
 """Where jdiff's compiled training step spends its time, by kind of operation (XLA:CPU or GPU).
 
-  python bench/profile_step.py --preset issue      # the net and flags of bench/unet_vs_diffusers.py
+  python bench/profile_step.py --preset medium     # the net and flags of bench/unet_vs_diffusers.py
 
 Traces two steps with jax.profiler, maps every executed XLA kernel back to the HLO it runs (convolution: forward /
 input-gradient, weight-gradient or 1x1; dot; GroupNorm; attention; transposes/copies; optimizer; other) and prints
@@ -19,10 +19,6 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-if __name__ == "__main__":  # as train.py does (jdiff/host_memory.py)
-  from jdiff.host_memory import keep_freed_memory  # noqa: E402
-  keep_freed_memory()
-
 import jax  # noqa: E402
 
 import unet_vs_diffusers as bench  # noqa: E402
@@ -32,7 +28,7 @@ STEPS = 2
 
 def kernel_kinds(hlo: str) -> dict[str, str]:
   """Fusion/kernel name -> kind, read from the computation each fusion calls."""
-  bodies, current, calls, custom = {}, None, {}, {}
+  bodies, current, calls = {}, None, {}
   for line in hlo.splitlines():
     header = re.match(r"^%?([\w.\-]+) .*\{$", line)
     if header:
@@ -43,10 +39,7 @@ def kernel_kinds(hlo: str) -> dict[str, str]:
     call = re.match(r"\s*%?([\w.\-]+) = .*calls=%?([\w.\-]+)", line)
     if call:
       calls[call.group(1)] = call.group(2)
-    onednn = re.match(r'\s*%?([\w.\-]+) = .*custom_call_target="jdiff_onednn_conv_(\w+)"', line)
-    if onednn:  # jdiff/models/onednn.py's convolutions: no fusion, the custom call runs as its own kernel
-      custom[onednn.group(1)] = "oneDNN conv 3x3 " + onednn.group(2).replace("_", " ")
-  return {**{name: kind_of("\n".join(bodies.get(body, []))) for name, body in calls.items()}, **custom}
+  return {name: kind_of("\n".join(bodies.get(body, []))) for name, body in calls.items()}
 
 
 def kind_of(body: str) -> str:
@@ -71,7 +64,8 @@ def kind_of(body: str) -> str:
 def main():
   args = bench.parse_args()
   config = bench.jdiff_config(args)
-  bench.distributed.split_host_cpu(config.parallel, args.batch)  # train.py's devices
+  bench.runtime.tune_cpu_process(cpu_devices=args.cpu_devices, micro_batch=args.batch,
+                                 keep_host_memory=not args.nokeep_host_memory)  # what train.py does
   trainer = bench.JdiffTrainer(config)
   kinds = kernel_kinds(trainer.step_fn.as_text())
   trainer.step()

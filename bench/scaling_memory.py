@@ -49,11 +49,11 @@ def main():
   import importlib.util
 
   import jax
+  from jdiff import sharding
+  from jdiff.build import param_count
   from jdiff.config import parse_config
   from jdiff.schedules import make_schedule
-  from jdiff.train import sharding
-  from jdiff.train.state import abstract_train_state, param_count
-  from jdiff.train.step import train_step
+  from jdiff.train.step import abstract_train_state, train_step
 
   spec = importlib.util.spec_from_file_location("config_module", args.config)
   module = importlib.util.module_from_spec(spec)

@@ -2,7 +2,7 @@
 
   pip install -e '.[bench]'        # torch 2.13 (CPU wheel) and diffusers, for this script only
   python bench/unet_vs_diffusers.py --preset quick   # ~2 min on 2 CPU cores
-  python bench/unet_vs_diffusers.py                  # the issue's 6.5M-parameter net at batch 32
+  python bench/unet_vs_diffusers.py                  # the 6.5M-parameter net at batch 32
 
 Builds a jdiff UNetConfig and the equivalent UNet2DModel, asserts equal parameter counts, then measures, with the
 two frameworks interleaved (A, B, A, B, ...) so that load from other processes hits both alike:
@@ -27,28 +27,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-if __name__ == "__main__":  # as train.py does, for both frameworks alike (jdiff/host_memory.py)
-  from jdiff.host_memory import keep_freed_memory  # noqa: E402
-  keep_freed_memory()
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-from configs import default as default_config  # noqa: E402
-from jdiff import samplers  # noqa: E402
+from jdiff import samplers, sharding  # noqa: E402
+from jdiff.build import make_model, param_count  # noqa: E402
+from jdiff.cli import runtime  # noqa: E402
 from jdiff.config import parse_config  # noqa: E402
+from jdiff.configs import default as default_config  # noqa: E402
 from jdiff.generate import spread_batch, unet_model_fn  # noqa: E402
-from jdiff.models import onednn  # noqa: E402
 from jdiff.models.unet import UNetConfig  # noqa: E402
 from jdiff.schedules import make_schedule  # noqa: E402
-from jdiff.train import distributed, sharding  # noqa: E402
-from jdiff.train.state import abstract_train_state, create_train_state, make_model, param_count  # noqa: E402
-from jdiff.train.step import train_step  # noqa: E402
+from jdiff.train.step import abstract_train_state, create_train_state, train_step  # noqa: E402
 
 PRESETS = {
-    # The issue's net: 6.49M parameters, 32x32x3, four levels, attention at 16x16 and in the middle.
-    "issue": dict(image_size=32, in_channels=3, channels=64, channel_mults="1,2,2,2", num_res_blocks=1,
+    # 6.49M parameters, 32x32x3, four levels, attention at 16x16 and in the middle.
+    "medium": dict(image_size=32, in_channels=3, channels=64, channel_mults="1,2,2,2", num_res_blocks=1,
                   attention_resolutions="16", norm_groups=32, batch=32),
     # jdiff's default digits net (1.19M parameters, 16x16x1): a quick run.
     "quick": dict(image_size=16, in_channels=1, channels=32, channel_mults="1,2,2", num_res_blocks=1,
@@ -107,7 +102,6 @@ def jdiff_config(args):
   raw.diffusion.update(schedule="linear", prediction="eps", label_dropout=0.0)
   raw.sampling.update(guidance_scale=1.0)
   raw.training.update(batch_size=args.batch, warmup_steps=0, weight_decay=1e-2, grad_clip=1.0)
-  raw.parallel.update(cpu_devices=args.cpu_devices)
   return parse_config(raw)
 
 
@@ -134,13 +128,11 @@ def torch_matmul_peak(n: int, device, dtype, repeats: int = 5) -> float:
 # Training steps.
 
 def cpu_flops(fn, *args) -> float:
-  """XLA's FLOP count of fn(*args) lowered for the CPU with XLA's own convolutions, whatever the device: the same
-  count on every platform (a GPU lowering has no cost analysis, and its compiled program hides convolutions in
-  cuDNN calls)."""
+  """XLA's FLOP count of fn(*args) lowered for the CPU, whatever the device: the same count on every platform (a
+  GPU lowering has no cost analysis, and its compiled program hides convolutions in cuDNN calls)."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
-  with onednn.xla_only():  # XLA counts no FLOPs in custom calls, so oneDNN's convolutions would go uncounted
-    analysis = jax.jit(fn).lower(*abstract).cost_analysis()
+  analysis = jax.jit(fn).lower(*abstract).cost_analysis()
   return float(analysis["flops"]) if analysis else float("nan")
 
 
@@ -245,8 +237,8 @@ def jdiff_sampler(trainer: JdiffTrainer, batch: int, steps: int):
   noise = jax.random.normal(jax.random.key(3), (batch, mc.image_size, mc.image_size, mc.in_channels))
   (noise,) = spread_batch(params, noise)
   labels = jnp.full((batch,), mc.num_classes, jnp.int32) if mc.num_classes else None
-  return lambda: samplers.sample(model_fn, trainer.schedule, noise, labels, sampler="ddim", num_steps=steps,
-                                 parameterisation="eps", spacing="leading").block_until_ready()
+  return lambda: samplers.sample(model_fn, trainer.schedule, noise, labels, sampler="ddim", steps=steps,
+                                 prediction="eps", spacing="leading").block_until_ready()
 
 
 def torch_sampler(trainer: TorchTrainer, batch: int, steps: int):
@@ -283,7 +275,7 @@ def interleaved(fn_a, fn_b, repeats: int, pause_s: float) -> tuple[list[float], 
 
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="issue",
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="medium",
                       help="net and batch; the flags below override single fields")
   for name, kind in [("image_size", int), ("in_channels", int), ("channels", int), ("channel_mults", str),
                      ("num_res_blocks", int), ("attention_resolutions", str), ("norm_groups", int), ("batch", int)]:
@@ -300,8 +292,10 @@ def parse_args():
   parser.add_argument("--pause", type=float, default=1.0,
                       help="seconds of rest before each timed call (lets the other side's threads go idle)")
   parser.add_argument("--cpu_devices", type=int, default=0,
-                      help="jdiff on the CPU: XLA devices to split the cores into, as train.py's "
-                           "config.parallel.cpu_devices (0: one per core dividing the batch; 1: one device)")
+                      help="jdiff on the CPU: XLA devices to split the cores into, as train.py's --cpu_devices "
+                           "(0: one per core dividing the batch; 1: one device)")
+  parser.add_argument("--nokeep_host_memory", action="store_true",
+                      help="skip train.py's host-memory tuning (jdiff/cli/host_memory.py; both frameworks get it)")
   parser.add_argument("--torch_channels_last", action="store_true", help="run diffusers in NHWC memory format")
   parser.add_argument("--torch_compile", action="store_true", help="wrap diffusers' net in torch.compile")
   parser.add_argument("--bf16", action="store_true",
@@ -325,7 +319,9 @@ def main():
     torch.set_num_threads(args.threads)
   load_before = load()
   config = jdiff_config(args)
-  distributed.split_host_cpu(config.parallel, args.batch)  # before JAX starts its backends, as train.py does
+  # What train.py does on the CPU, before JAX starts its backends (the malloc tuning serves both frameworks).
+  runtime.tune_cpu_process(cpu_devices=args.cpu_devices, micro_batch=args.batch,
+                           keep_host_memory=not args.nokeep_host_memory)
   device = torch_device()
   on_gpu = device.type == "cuda"
   if on_gpu:  # the same matmul precision on both sides: TF32 is JAX's default for fp32 on NVIDIA GPUs

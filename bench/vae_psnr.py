@@ -15,8 +15,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jdiff import data  # noqa: E402
-from jdiff.train import vae  # noqa: E402
+from jdiff import data, latent  # noqa: E402
+from jdiff.train.vae import psnr  # noqa: E402
 
 
 def main():
@@ -27,13 +27,13 @@ def main():
   parser.add_argument("--num", type=int, default=0, help="images (0: the whole split)")
   args = parser.parse_args()
 
-  trained = vae.load_vae(args.workdir, args.checkpoint)
+  trained = latent.load_vae(args.workdir, args.checkpoint)
   split = args.split or trained.config.evaluation.split
   images, _ = data.load_split(dataclasses.replace(trained.config.data, split=split))
   images = images[:args.num or None]
-  vae.reconstruct(trained.config.vae, trained.params, images[:1])  # compile outside the timing
+  latent.reconstruct(trained.config.vae, trained.params, images[:1])  # compile outside the timing
   start = time.perf_counter()
-  per_image = vae.psnr(images, vae.reconstruct(trained.config.vae, trained.params, images))
+  per_image = psnr(images, latent.reconstruct(trained.config.vae, trained.params, images))
   seconds = time.perf_counter() - start
   cfg = trained.config.vae
   print(f"| VAE (step {trained.step}) | split | images | latents | PSNR mean (dB) | median | min | seconds |")

@@ -27,7 +27,7 @@ def get_config():
       ema_decay=0.9999, ema_warmup=False, log_every=100, checkpoint_every=5000, keep_checkpoints=3,
       sample_every=20_000, nonfinite="stop", grad_accum_steps=1, remat=False)
 
-  config.sampling = dict(sampler="ddim", num_steps=100, spacing="trailing",
+  config.sampling = dict(sampler="ddim", steps=100, spacing="trailing",
                          guidance_scale=1.0, eta=0.0, num_samples=64)
   config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
                          num_processes=ml_collections.config_dict.placeholder(int),

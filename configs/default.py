@@ -30,9 +30,9 @@ def get_config():
       ema_decay=0.999, ema_warmup=True, log_every=100, checkpoint_every=500, keep_checkpoints=3,
       sample_every=500, nonfinite="stop", grad_accum_steps=1, remat=False)
 
-  config.sampling = dict(sampler="ddim", num_steps=20, spacing="trailing",
+  config.sampling = dict(sampler="ddim", steps=20, spacing="trailing",
                          guidance_scale=3.0, eta=0.0, num_samples=100)
   config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
                          num_processes=ml_collections.config_dict.placeholder(int),
-                         process_id=ml_collections.config_dict.placeholder(int), cpu_devices=0)
+                         process_id=ml_collections.config_dict.placeholder(int))
   return ml_collections.ConfigDict(config)

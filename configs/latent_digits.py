@@ -16,7 +16,7 @@ def get_config():
   config.seed = 0
   config.data = dict(name="sklearn_digits", split="train", image_size=32, random_flip=False,
                      data_dir=ml_collections.config_dict.placeholder(str), shuffle_buffer=10_000)
-  config.latent = dict(vae_workdir="runs/vae_digits", vae_checkpoint=ml_collections.config_dict.placeholder(int),
+  config.latent = dict(vae_workdir="vae_digits", vae_checkpoint=ml_collections.config_dict.placeholder(int),
                        encode="sample", scaling_factor=0.0, scale_batches=8)
   config.model = dict(
       image_size=8, in_channels=4, channels=64, channel_mults=(1, 2), num_res_blocks=1,
@@ -28,7 +28,7 @@ def get_config():
       batch_size=32, num_steps=2000, learning_rate=1e-3, warmup_steps=200, weight_decay=0.0, grad_clip=1.0,
       ema_decay=0.999, ema_warmup=True, log_every=100, checkpoint_every=1000, keep_checkpoints=2,
       sample_every=1000, nonfinite="stop", grad_accum_steps=1, remat=False)
-  config.sampling = dict(sampler="ddim", num_steps=20, spacing="trailing",
+  config.sampling = dict(sampler="ddim", steps=20, spacing="trailing",
                          guidance_scale=3.0, eta=0.0, num_samples=100)
   config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
                          num_processes=ml_collections.config_dict.placeholder(int),

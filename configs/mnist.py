@@ -21,7 +21,7 @@ def get_config():
       batch_size=128, num_steps=50_000, learning_rate=2e-4, warmup_steps=1000, weight_decay=0.0, grad_clip=1.0,
       ema_decay=0.9995, ema_warmup=True, log_every=100, checkpoint_every=2500, keep_checkpoints=3,
       sample_every=5000, nonfinite="stop", grad_accum_steps=1, remat=False)
-  config.sampling = dict(sampler="ddim", num_steps=50, spacing="trailing",
+  config.sampling = dict(sampler="ddim", steps=50, spacing="trailing",
                          guidance_scale=3.0, eta=0.0, num_samples=100)
   config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
                          num_processes=ml_collections.config_dict.placeholder(int),

@@ -38,7 +38,7 @@ def get_config():
       ema_decay=0.999, ema_warmup=True, log_every=100, checkpoint_every=500, keep_checkpoints=2,
       sample_every=1000, nonfinite="stop", grad_accum_steps=1, remat=False)
 
-  config.sampling = dict(sampler="ddim", num_steps=20, spacing="trailing",
+  config.sampling = dict(sampler="ddim", steps=20, spacing="trailing",
                          guidance_scale=3.0, eta=0.0, num_samples=36)
   config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
                          num_processes=ml_collections.config_dict.placeholder(int),

@@ -17,7 +17,7 @@ def get_config():
       batch_size=16, num_steps=20, learning_rate=1e-3, warmup_steps=5, weight_decay=0.0, grad_clip=1.0,
       ema_decay=0.99, ema_warmup=True, log_every=5, checkpoint_every=10, keep_checkpoints=2, sample_every=0,
       nonfinite="stop", grad_accum_steps=1, remat=False)
-  config.sampling = dict(sampler="ddim", num_steps=5, spacing="trailing",
+  config.sampling = dict(sampler="ddim", steps=5, spacing="trailing",
                          guidance_scale=2.0, eta=0.0, num_samples=20)
   config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
                          num_processes=ml_collections.config_dict.placeholder(int),

@@ -19,4 +19,7 @@ def get_config():
       batch_size=32, num_steps=2000, learning_rate=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
       ema_decay=0.999, ema_warmup=True, log_every=100, checkpoint_every=1000, keep_checkpoints=2, sample_every=1000)
   config.evaluation = dict(split="test", num_images=0)
+  config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
+                         num_processes=ml_collections.config_dict.placeholder(int),
+                         process_id=ml_collections.config_dict.placeholder(int))
   return ml_collections.ConfigDict(config)

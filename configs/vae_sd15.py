@@ -20,4 +20,7 @@ def get_config():
       grad_clip=1.0, ema_decay=0.999, ema_warmup=True, log_every=100, checkpoint_every=5000, keep_checkpoints=3,
       sample_every=5000)
   config.evaluation = dict(split="test", num_images=1000)
+  config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
+                         num_processes=ml_collections.config_dict.placeholder(int),
+                         process_id=ml_collections.config_dict.placeholder(int))
   return ml_collections.ConfigDict(config)

@@ -1,14 +1,15 @@
 """jdiff: diffusion models in JAX/Flax.
 
-The maths (schedules, diffusion, samplers) is pure JAX; models are Flax Linen; `jdiff.load(workdir)`
-returns a Pipeline whose `generate(...)` samples from a trained work dir.
+The maths (schedules, diffusion, samplers) is pure JAX; models are Flax Linen; `jdiff.load(workdir)` returns a
+Pipeline whose `generate(...)` makes images, and `jdiff.from_state(config, state)` does the same for a model that
+training returned. Training lives in `jdiff.train`, which inference never imports.
 """
 
-__all__ = ["Pipeline", "Samples", "load"]
+__all__ = ["Pipeline", "Samples", "from_state", "load"]
 
 
 def __getattr__(name):
-  # Lazy, so `import jdiff.schedules` stays free of Flax, orbax and TensorFlow.
+  # Lazy, so `import jdiff.schedules` stays free of Flax and orbax.
   if name in __all__:
     from jdiff import pipeline
     return getattr(pipeline, name)

@@ -12,7 +12,6 @@ import math
 from typing import Any, Mapping
 
 from jdiff import diffusion, samplers, schedules
-from jdiff.data import DataConfig
 from jdiff.models.text import TextEncoderConfig
 from jdiff.models.unet import UNetConfig
 from jdiff.models.vae import VAEConfig
@@ -27,6 +26,41 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which images to train on and how to prepare them.
+
+  name: a TFDS dataset with 'image' (uint8) and 'label' (ClassLabel) features; 'sklearn_digits' works offline.
+  split: a TFDS split, slices included ('train', 'test', 'train[:90%]').
+  image_size: images are resized (bilinear, antialiased) to image_size x image_size; channels stay as they are.
+  random_flip: mirror half the images left-right (leave off for digits, whose mirror images are not digits).
+  data_dir: the TFDS data dir; None uses TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets).
+  shuffle_buffer: the tf.data shuffle buffer of streamed datasets (in-memory ones are fully shuffled each epoch).
+  caption_template: for text-to-image training on a dataset without a 'caption' feature, each caption is this
+    template with "{label}" replaced by the class name (e.g. "a photo of a {label}"; digits' names are "0".."9").
+  """
+  name: str = "sklearn_digits"
+  split: str = "train"
+  image_size: int = 16
+  random_flip: bool = False
+  data_dir: str | None = None
+  shuffle_buffer: int = 10_000
+  caption_template: str = "{label}"
+
+  def __post_init__(self):
+    _check(_is_nonempty_str(self.name), "name", self.name,
+           "a TFDS dataset name such as 'sklearn_digits', 'mnist' or 'cifar10'")
+    _check(_is_nonempty_str(self.split), "split", self.split, "a TFDS split such as 'train', 'test' or 'train[:90%]'")
+    _check(_is_int(self.image_size) and self.image_size > 0, "image_size", self.image_size, "a positive integer")
+    _check(isinstance(self.random_flip, bool), "random_flip", self.random_flip, "True or False")
+    _check(self.data_dir is None or _is_nonempty_str(self.data_dir), "data_dir", self.data_dir,
+           "None or a directory path")
+    _check(_is_int(self.shuffle_buffer) and self.shuffle_buffer > 0, "shuffle_buffer", self.shuffle_buffer,
+           "a positive integer")
+    _check(isinstance(self.caption_template, str) and "{label}" in self.caption_template, "caption_template",
+           self.caption_template, "a string containing '{label}'")
+
+
+@dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
   schedule: str = "linear"
   num_timesteps: int = 1000
@@ -36,7 +70,7 @@ class DiffusionConfig:
 
   def __post_init__(self):
     _check_choice("schedule", self.schedule, schedules.SCHEDULE_NAMES)
-    _check_choice("prediction", self.prediction, diffusion.PARAMETERISATIONS)
+    _check_choice("prediction", self.prediction, diffusion.PREDICTIONS)
     _check(self.num_timesteps >= 2, "num_timesteps", self.num_timesteps, "an integer >= 2")
     _check(self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma, ">= 0 (0 disables it)")
     _check(0 <= self.label_dropout < 1, "label_dropout", self.label_dropout, "in [0, 1)")
@@ -79,7 +113,7 @@ class TrainingConfig:
 class SamplingConfig:
   """Defaults for the sample grids written during training and for sample.py."""
   sampler: str = "ddim"
-  num_steps: int = 50
+  steps: int = 50
   spacing: str = "trailing"  # timestep spacing: leading, trailing, linspace; or karras sigmas
   guidance_scale: float = 1.0
   eta: float = 0.0
@@ -90,7 +124,7 @@ class SamplingConfig:
   def __post_init__(self):
     _check_choice("sampler", self.sampler, samplers.SAMPLERS)
     _check_choice("spacing", self.spacing, samplers.SPACINGS)
-    _check(self.num_steps >= 1, "num_steps", self.num_steps, "an integer >= 1")
+    _check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
     _check(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, ">= 0")
     _check(self.eta >= 0, "eta", self.eta, ">= 0")
     _check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
@@ -109,23 +143,15 @@ class ParallelConfig:
     JAX_COORDINATOR_ADDRESS; 'on' always calls it (JAX detects TPU pods, SLURM, Open MPI); 'off' never does.
   coordinator_address, num_processes, process_id: passed to jax.distributed.initialize; None = JAX's own
     detection from the cluster environment.
-  cpu_devices: on the CPU, split this process's cores into this many XLA devices for the mesh. XLA:CPU runs a
-    convolution with 64 or fewer input channels on one thread, so one device per core runs the batch's shards
-    side by side (docs/performance.md). 0 = one per available core, lowered to a divisor of the micro-batch;
-    1 = one device. Has no effect on GPUs and TPUs, in multi-process jobs, when XLA_FLAGS already sets
-    --xla_force_host_platform_device_count, or once JAX has started its backends.
   """
   fsdp: int = 1
   distributed: str = "auto"
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
-  cpu_devices: int = 0
 
   def __post_init__(self):
     _check(_is_int(self.fsdp) and self.fsdp >= 1, "fsdp", self.fsdp, "an integer >= 1 (1 = no parameter sharding)")
-    _check(_is_int(self.cpu_devices) and self.cpu_devices >= 0, "cpu_devices", self.cpu_devices,
-           "an integer >= 0 (0 = one XLA device per CPU core, 1 = one device)")
     _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
     _check(self.coordinator_address is None or (isinstance(self.coordinator_address, str)
                                                 and self.coordinator_address.rpartition(":")[2].isdigit()),
@@ -175,6 +201,9 @@ class TextConfig:
 @dataclasses.dataclass(frozen=True)
 class LatentConfig:
   """Latent diffusion: the U-Net trains and samples on a trained VAE's latents; vae_workdir None = on pixels.
+
+  A relative vae_workdir names a directory beside the diffusion run's work dir (vae_workdir="vae_shapes" with
+  --workdir runs/latent_shapes is runs/vae_shapes), wherever the command runs.
 
   Each batch is encoded by the frozen VAE (a posterior sample, or its mean) and multiplied by scaling_factor.
   scaling_factor 0 means: 1 / std of the latents of the first scale_batches training batches, computed when
@@ -297,10 +326,11 @@ class VAETrainConfig:
   loss: VAELossConfig
   training: TrainingConfig
   evaluation: VAEEvalConfig
+  parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 VAE_SECTIONS = {"data": DataConfig, "vae": VAEConfig, "loss": VAELossConfig, "training": TrainingConfig,
-                "evaluation": VAEEvalConfig}
+                "evaluation": VAEEvalConfig, "parallel": ParallelConfig}
 
 
 def is_vae_config(raw: Mapping[str, Any]) -> bool:
@@ -324,8 +354,8 @@ def _check_consistency(config: Config) -> None:
   if not config.latent.enabled and config.model.image_size != config.data.image_size:
     raise ConfigError(f"config.model.image_size ({config.model.image_size}) must equal config.data.image_size "
                       f"({config.data.image_size}): the U-Net is built for the images the data pipeline yields")
-  if config.sampling.num_steps > config.diffusion.num_timesteps:
-    raise ConfigError(f"config.sampling.num_steps ({config.sampling.num_steps}) exceeds "
+  if config.sampling.steps > config.diffusion.num_timesteps:
+    raise ConfigError(f"config.sampling.steps ({config.sampling.steps}) exceeds "
                       f"config.diffusion.num_timesteps ({config.diffusion.num_timesteps})")
   if config.sampling.guidance_scale != 1.0 and config.model.num_classes == 0 and config.model.context_dim == 0:
     raise ConfigError(f"config.sampling.guidance_scale={config.sampling.guidance_scale} needs a class-conditional "
@@ -384,6 +414,10 @@ def _has_type(value, annotation: str) -> bool:
 
 def _to_dict(raw) -> dict:
   return raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
+
+
+def _is_nonempty_str(value) -> bool:
+  return isinstance(value, str) and bool(value)
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:

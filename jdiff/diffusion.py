@@ -1,4 +1,4 @@
-"""The diffusion process as pure functions: forward noising, posterior, parameterisations, losses.
+"""The diffusion process as pure functions: forward noising, posterior, predictions, losses.
 
 No Flax here. `alpha_bar` arguments are the signal fraction abar of x_t (see schedules.py), already
 broadcast against x; `t` arguments are integer timesteps into a Schedule. Everything is computed in
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jdiff.schedules import Schedule
 
-PARAMETERISATIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v")
 
 
 def extract(values: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
@@ -56,31 +56,31 @@ def eps_from_v(*, x_t, v, alpha_bar):
   return jnp.sqrt(1.0 - alpha_bar) * x_t + jnp.sqrt(alpha_bar) * v
 
 
-def to_x0_eps(prediction, *, x_t, alpha_bar, parameterisation: str):
-  """(x0, eps) implied by a network output in the given parameterisation, in fp32."""
-  pred = prediction.astype(jnp.float32)
+def to_x0_eps(output, *, x_t, alpha_bar, prediction: str):
+  """(x0, eps) implied by a network output that predicts `prediction` (eps, x0 or v), in fp32."""
+  pred = output.astype(jnp.float32)
   x_t = x_t.astype(jnp.float32)
-  if parameterisation == "eps":
+  if prediction == "eps":
     return x0_from_eps(x_t=x_t, eps=pred, alpha_bar=alpha_bar), pred
-  if parameterisation == "x0":
+  if prediction == "x0":
     return pred, eps_from_x0(x_t=x_t, x0=pred, alpha_bar=alpha_bar)
-  if parameterisation == "v":
+  if prediction == "v":
     return x0_from_v(x_t=x_t, v=pred, alpha_bar=alpha_bar), eps_from_v(x_t=x_t, v=pred, alpha_bar=alpha_bar)
-  raise ValueError(f"unknown parameterisation {parameterisation!r}; choose one of {PARAMETERISATIONS}")
+  raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
-def training_target(*, x0, noise, alpha_bar, parameterisation: str):
+def training_target(*, x0, noise, alpha_bar, prediction: str):
   """What the network is trained to output for x_t = q_sample(x0, noise)."""
-  if parameterisation == "eps":
+  if prediction == "eps":
     return noise
-  if parameterisation == "x0":
+  if prediction == "x0":
     return x0
-  if parameterisation == "v":
+  if prediction == "v":
     return v_from_x0_eps(x0=x0, eps=noise, alpha_bar=alpha_bar)
-  raise ValueError(f"unknown parameterisation {parameterisation!r}; choose one of {PARAMETERISATIONS}")
+  raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
-def loss_weight(snr, *, parameterisation: str, min_snr_gamma: float | None):
+def loss_weight(snr, *, prediction: str, min_snr_gamma: float | None):
   """Per-example weight. None or 0 gives L_simple (weight 1); otherwise min-SNR-gamma (Hang et al., 2023).
 
   Min-SNR weights the x0-space error by min(snr, gamma); expressed for each target that is
@@ -89,20 +89,20 @@ def loss_weight(snr, *, parameterisation: str, min_snr_gamma: float | None):
   if not min_snr_gamma:
     return jnp.ones_like(snr)
   clipped = jnp.minimum(snr, min_snr_gamma)
-  if parameterisation == "eps":
+  if prediction == "eps":
     return clipped / snr
-  if parameterisation == "x0":
+  if prediction == "x0":
     return clipped
-  if parameterisation == "v":
+  if prediction == "v":
     return clipped / (snr + 1.0)
-  raise ValueError(f"unknown parameterisation {parameterisation!r}; choose one of {PARAMETERISATIONS}")
+  raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
-def diffusion_loss(prediction, *, schedule: Schedule, x0, noise, t, parameterisation: str = "eps",
+def diffusion_loss(output, *, schedule: Schedule, x0, noise, t, prediction: str = "eps",
                    min_snr_gamma: float | None = None) -> jnp.ndarray:
   """Weighted mean squared error per example, shape [B], in fp32."""
   alpha_bar = extract(schedule.alphas_cumprod, t, x0.ndim)
-  target = training_target(x0=x0, noise=noise, alpha_bar=alpha_bar, parameterisation=parameterisation)
-  err = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
+  target = training_target(x0=x0, noise=noise, alpha_bar=alpha_bar, prediction=prediction)
+  err = jnp.mean(jnp.square(output.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
   snr = jnp.exp(jnp.take(schedule.log_snr, t))
-  return loss_weight(snr, parameterisation=parameterisation, min_snr_gamma=min_snr_gamma) * err
+  return loss_weight(snr, prediction=prediction, min_snr_gamma=min_snr_gamma) * err

@@ -1,4 +1,4 @@
-"""Sampling from a trained U-Net: one compiled program per (model, sampler, steps, spacing, shape), PNG grids.
+"""Sampling from a trained U-Net: one compiled program per (model, sampler, steps, spacing, shape).
 
 Noise, seeds, labels, guidance scale and rescale, and eta are traced, so changing them does not recompile;
 the sampler name, step count, spacing and image shape are static.
@@ -6,19 +6,14 @@ the sampler name, step count, spacing and image shape are static.
 from __future__ import annotations
 
 import functools
-import math
-import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from PIL import Image
 
-from jdiff import samplers
+from jdiff import samplers, sharding
 from jdiff.models.text import TextToImageUNet
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule
-from jdiff.train import sharding
 
 
 def unet_model_fn(model: UNet | TextToImageUNet, params):
@@ -26,17 +21,17 @@ def unet_model_fn(model: UNet | TextToImageUNet, params):
   return lambda x, t, cond: model.apply({"params": params}, x, t, cond)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prediction", "sampler", "num_steps", "spacing", "guided",
+@functools.partial(jax.jit, static_argnames=("model", "prediction", "sampler", "steps", "spacing", "guided",
                                              "clip_x0"))
 def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidance_scale, guidance_rescale, eta, *,
-                 model: UNet, prediction: str, sampler: str, num_steps: int, spacing: str, guided: bool,
+                 model: UNet, prediction: str, sampler: str, steps: int, spacing: str, guided: bool,
                  clip_x0: bool):
   model_fn = unet_model_fn(model, params)
   if guided:
     model_fn = samplers.guided_model_fn(model_fn, guidance_scale=guidance_scale, uncond=uncond,
                                         guidance_rescale=guidance_rescale)
-  return samplers.sample(model_fn, schedule, noise, labels, sampler=sampler, num_steps=num_steps,
-                         parameterisation=prediction, rng=keys, eta=eta, spacing=spacing, clip_x0=clip_x0)
+  return samplers.sample(model_fn, schedule, noise, labels, sampler=sampler, steps=steps,
+                         prediction=prediction, rng=keys, eta=eta, spacing=spacing, clip_x0=clip_x0)
 
 
 def spread_batch(params, *batch_arrays):
@@ -48,16 +43,12 @@ def spread_batch(params, *batch_arrays):
     return batch_arrays
   if len(batch_arrays[0]) % len(held.device_set):
     return batch_arrays
-  if isinstance(held, jax.sharding.NamedSharding):
-    # On the params' own mesh: a program with custom-partitioned ops (oneDNN convolutions) takes one mesh only.
-    split = jax.sharding.NamedSharding(held.mesh, jax.sharding.PartitionSpec(held.mesh.axis_names))
-  else:
-    split = sharding.over_devices(sorted(held.device_set, key=lambda d: d.id), jax.sharding.PartitionSpec("batch"))
+  split = sharding.over_devices(sorted(held.device_set, key=lambda d: d.id), jax.sharding.PartitionSpec("batch"))
   return tuple(jax.device_put(a, split) for a in batch_arrays)
 
 
 def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=None, negative_labels=None,
-                prediction: str = "eps", sampler: str = "ddim", num_steps: int = 50, spacing: str = "trailing",
+                prediction: str = "eps", sampler: str = "ddim", steps: int = 50, spacing: str = "trailing",
                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0, eta: float | None = None,
                 clip_x0: bool = True):
   """Samples (images in [-1, 1], or latents) from initial noise [B, H, W, C] and per-example keys [B] for
@@ -77,7 +68,7 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
     return _sample_unet(params, schedule, noise, keys, jnp.asarray(labels, jnp.int32),
                         jnp.asarray(negative_labels, jnp.int32), jnp.float32(guidance_scale),
                         jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
-                        sampler=sampler, num_steps=num_steps, spacing=spacing, guided=guidance_scale != 1.0,
+                        sampler=sampler, steps=steps, spacing=spacing, guided=guidance_scale != 1.0,
                         clip_x0=clip_x0)
   num_classes = model.config.num_classes
   if num_classes:
@@ -89,51 +80,24 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
   guided = bool(num_classes) and (guidance_scale != 1.0 or negative_labels is not None)
   return _sample_unet(params, schedule, noise, keys, labels, uncond, jnp.float32(guidance_scale),
                       jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
-                      sampler=sampler, num_steps=num_steps, spacing=spacing, guided=guided, clip_x0=clip_x0)
+                      sampler=sampler, steps=steps, spacing=spacing, guided=guided, clip_x0=clip_x0)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prediction", "num_steps", "spacing", "refine", "clip_x0"))
-def invert_unet(params, schedule: Schedule, x0, labels, *, model: UNet, prediction: str, num_steps: int,
+@functools.partial(jax.jit, static_argnames=("model", "prediction", "steps", "spacing", "refine", "clip_x0"))
+def invert_unet(params, schedule: Schedule, x0, labels, *, model: UNet, prediction: str, steps: int,
                 spacing: str = "trailing", refine: int = 0, clip_x0: bool = True):
   """DDIM inversion of x0 (images in [-1, 1], or latents) into the initial noise that 'ddim' at eta 0 with the same
   clip_x0 decodes back to them."""
-  return samplers.ddim_invert(unet_model_fn(model, params), schedule, x0, labels, num_steps=num_steps,
-                              parameterisation=prediction, spacing=spacing, refine=refine, clip_x0=clip_x0)
+  return samplers.ddim_invert(unet_model_fn(model, params), schedule, x0, labels, steps=steps,
+                              prediction=prediction, spacing=spacing, refine=refine, clip_x0=clip_x0)
 
 
-def seeded_noise(model: UNet, seeds):
-  """(initial noise [B, H, W, C], sampler keys [B]): row i depends on seeds[i] alone."""
-  mc = model.config
-  noise = samplers.noise_from_seeds(seeds, (mc.image_size, mc.image_size, mc.in_channels))
-  return noise, samplers.keys_from_seeds(seeds)
-
-
-def generate(model: UNet, params, schedule: Schedule, *, seeds, **options):
-  """One image per seed: image i depends only on seeds[i] (and its labels), not on the rest of the batch."""
-  return sample_unet(model, params, schedule, *seeded_noise(model, seeds), **options)
+def seeded_noise(shape, seeds):
+  """(initial noise [B, *shape], sampler keys [B]): row i depends on seeds[i] alone."""
+  return samplers.noise_from_seeds(seeds, tuple(shape)), samplers.keys_from_seeds(seeds)
 
 
 def interpolation_noise(seed_a: int, seed_b: int, num_frames: int, shape) -> jnp.ndarray:
   """[num_frames, *shape] initial noises along the great circle from seed_a's noise to seed_b's."""
   ends = samplers.noise_from_seeds(jnp.array([seed_a, seed_b]), shape)
   return jax.vmap(lambda f: samplers.slerp(ends[0], ends[1], f))(jnp.linspace(0.0, 1.0, num_frames))
-
-
-def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
-  """Tiles uint8 images [N, H, W, C] into one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] image."""
-  n, h, w, c = images.shape
-  columns = columns or math.ceil(math.sqrt(n))
-  rows = math.ceil(n / columns)
-  grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
-  for i, image in enumerate(images):
-    r, col = divmod(i, columns)
-    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image
-  return grid
-
-
-def save_png(image: np.ndarray, path: str, min_size: int = 256) -> None:
-  """Writes a uint8 [H, W, C] image, upscaled by an integer factor (nearest) so small grids stay visible."""
-  scale = max(1, math.ceil(min_size / max(image.shape[:2])))
-  image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)

@@ -1,17 +1,19 @@
-"""The notebook face of jdiff: load a trained work dir, then generate images.
+"""The notebook face of jdiff: a trained model and the calls that make images with it.
 
     import jdiff
-    pipe = jdiff.load("runs/default")
-    samples = pipe.generate(num=20, label=3, sampler="ddim", steps=20, guidance=3.0, seed=0)
-    samples.images  # uint8 [20, 16, 16, 1]
+    pipe = jdiff.load("runs/default")                      # a work dir that train.py wrote
+    samples = pipe.generate(label=3, num=20, steps=10, guidance_scale=3.0, seed=0)
+    samples.images                                          # uint8 [20, 16, 16, 1]; .grid() and .to_pil() for PIL
 
-A text-to-image model (config.model.context_dim > 0) takes prompts where a class model takes labels:
+A text-to-image model takes prompts where a class model takes labels:
 
     pipe = jdiff.load("runs/shapes")
-    samples = pipe.generate(8, prompt="a red square", negative_prompt="a small square", guidance=5.0)
+    pipe.generate("a red square", num=8, negative_prompt="a blue square", guidance_scale=5.0).grid()
 
-A latent diffusion work dir (config.latent) samples latents and decodes them with its VAE: the same calls
-return images.
+A latent diffusion model samples latents and decodes them with its VAE: the same calls return images.
+`jdiff.from_state(config, state)` builds a pipeline on what training returns, without a work dir.
+
+Only inference is imported here: no training code, TensorFlow, TFDS or clu.
 """
 from __future__ import annotations
 
@@ -23,76 +25,133 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jdiff import generate as gen
-from jdiff import samplers
+from jdiff import build, checkpoint, generate as gen, images as imaging, latent, samplers, sharding
 from jdiff.config import Config, ConfigError, is_vae_config, parse_config
-from jdiff.data import model_range_to_uint8, uint8_to_model_range
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule, make_schedule
-from jdiff.train import checkpoint, latent, sharding
-from jdiff.train.state import abstract_train_state, make_model
+
+Progress = Callable[[int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
 class Samples:
+  """Generated images and what made each one: image i is reproduced by seeds[i] and its label or prompt."""
   images: np.ndarray  # uint8 [N, H, W, C]
-  labels: np.ndarray | None  # int32 [N], or None for an unconditional model
-  seeds: np.ndarray  # the seed of each image: image i is reproduced by its seed alone
+  seeds: np.ndarray  # int64 [N]
+  labels: np.ndarray | None = None  # a class model's label of each image
   prompts: tuple[str, ...] | None = None  # a text model's prompt of each image
+  latents: np.ndarray | None = None  # a latent model's sampled latents, before the VAE decoded them
+  cycle: int | None = None  # the images cycle through this many classes or prompts: one grid column each
+
+  def to_pil(self) -> list:
+    """The images as PIL images."""
+    return [imaging.to_pil(image) for image in self.images]
+
+  @property
+  def columns(self) -> int | None:
+    """The grid's default number of columns: one per class or prompt the images cycle through, if they do."""
+    return self.cycle if self.cycle and len(self.images) % self.cycle == 0 else None
+
+  def grid(self, columns: int | None = None, min_size: int = 0):
+    """The images tiled into one PIL image, upscaled (nearest) to at least min_size pixels."""
+    return imaging.to_pil(imaging.make_grid(self.images, columns or self.columns), min_size)
+
+  def save(self, path: str, columns: int | None = None) -> None:
+    """`.png`: the grid (upscaled to at least 256 pixels); `.npz`: images, seeds, labels (-1: none), prompts."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".npz"):
+      labels = self.labels if self.labels is not None else np.full(len(self.images), -1, np.int32)
+      extra = {} if self.prompts is None else {"prompts": np.array(self.prompts)}
+      np.savez(path, images=self.images, labels=labels, seeds=self.seeds, **extra)
+    elif path.endswith(".png"):
+      self.grid(columns, min_size=256).save(path)
+    else:
+      raise ValueError(f"cannot save samples as {path!r}: use a .png (grid) or .npz (raw arrays) path")
 
 
 @dataclasses.dataclass
 class Pipeline:
+  """A diffusion model ready to sample: its typed config, parameters, and for a latent model the VAE codec."""
   config: Config
   params: dict
-  step: int
-  codec: latent.LatentCodec | None = None  # a latent diffusion model's VAE: samples are decoded with it
+  step: int | None = None  # the checkpoint step the params come from, if any
+  codec: latent.LatentCodec | None = None
 
   @functools.cached_property
   def model(self) -> UNet:
-    return make_model(self.config)
+    return build.make_model(self.config)
 
   @functools.cached_property
   def schedule(self) -> Schedule:
     return make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
 
-  def generate(self, num: int = 16, *, seed: int = 0, label: int | Sequence[int] | None = None,
-               prompt: str | Sequence[str] | None = None, batch_size: int = 256,
-               progress: Callable[[int, int], None] | None = None, **options) -> Samples:
-    """Generates `num` images with seeds seed, seed+1, ...
+  @property
+  def is_text_model(self) -> bool:
+    return bool(self.config.model.context_dim)
 
-    label: one class for every image, one per image, or None to cycle through the classes.
-    prompt (text models, in place of label): one prompt for every image, one per image, or None to cycle through
-      config.text.sample_prompts ("" is the unconditional prompt).
-    options (unset ones come from the config's sampling section): sampler, steps, spacing, guidance,
-      guidance_rescale, negative_label (a class to steer away from instead of the null class), negative_prompt
-      (text models: a prompt to steer away from instead of the empty one), eta, clip_x0 (clip each denoised
-      estimate to [-1, 1]; the config decides by default: on for pixel models, off for latent ones).
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the images this model generates (for a latent model, what its VAE decodes to)."""
+    if self.codec:
+      size = self.config.model.image_size * self.codec.vae.downsample_factor
+      return (size, size, self.codec.vae.in_channels)
+    return self.noise_shape
+
+  @property
+  def noise_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of what the sampler runs on: the images, or a latent model's latents."""
+    mc = self.config.model
+    return (mc.image_size, mc.image_size, mc.in_channels)
+
+  def generate(self, prompt: str | Sequence[str] | None = None, *, num: int | None = None,
+               label: int | Sequence[int] | None = None, negative_prompt: str | None = None,
+               negative_label: int | None = None, seed: int = 0, latents: np.ndarray | None = None,
+               sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
+               guidance_scale: float | None = None, guidance_rescale: float = 0.0, eta: float | None = None,
+               clip_x0: bool | None = None, batch_size: int = 256, progress: Progress | None = None) -> Samples:
+    """Images with seeds seed, seed + 1, ...: image i depends on its seed and condition alone, not on the batch.
+
+    prompt (text models): one prompt for every image or one per image; None cycles through the config's
+      text.sample_prompts. label (class models): likewise with classes; None cycles through them.
+    num: how many images; default: one per prompt or label given as a list, or per row of `latents`, else 1.
+    negative_prompt / negative_label: what guidance steers away from, in place of the empty prompt / null class.
+    latents: initial noise [N, H, W, C] (the shape of `noise_shape`) in place of seed's; seeds still draw the
+      noise of stochastic samplers.
+    sampler, steps, spacing, guidance_scale, eta: None takes the config's sampling section. guidance_rescale:
+      Lin et al. (2023), in [0, 1]. clip_x0: clip each denoised estimate to [-1, 1]; None decides from the data
+      (pixel models clip, latent models do not).
+    progress(done, total) is called after each batch of at most batch_size images.
     """
-    options = self._sampling_options(**options)
-    if num < 1 or batch_size < 1:
-      raise ValueError(f"num={num} and batch_size={batch_size} must be at least 1")
+    num = self._count(num, prompt, label, latents)
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be at least 1")
     _check_seeds(seed, seed + num - 1)
+    options = self._sampling_options(sampler=sampler, steps=steps, spacing=spacing, guidance_scale=guidance_scale,
+                                     guidance_rescale=guidance_rescale, eta=eta, clip_x0=clip_x0,
+                                     negative_prompt=negative_prompt, negative_label=negative_label)
     seeds = np.arange(seed, seed + num, dtype=np.int64)
     prompts = self._prompts(prompt, num)
-    labels = self._cond(label, prompts, num)
+    conds = self._cond(label, prompts, num)
+    noise = None if latents is None else self._check_latents(latents, num)
     size = min(batch_size, num)
-    chunks = []
+    outputs = []
     for start in range(0, num, size):
-      chunk = slice(start, min(start + size, num))
-      chunks.append(self._generate_padded(seeds[chunk], None if labels is None else labels[chunk], size, options))
+      part = slice(start, min(start + size, num))
+      outputs.append(self._sample_padded(seeds[part], None if noise is None else noise[part],
+                                         None if conds is None else conds[part], size, options))
       if progress:
-        progress(chunk.stop, num)
-    if prompts is not None:
-      return Samples(images=np.concatenate(chunks), labels=None, seeds=seeds, prompts=tuple(prompts))
-    return Samples(images=np.concatenate(chunks), labels=labels, seeds=seeds)
+        progress(part.stop, num)
+    sampled = np.concatenate(outputs)
+    cycled = prompt is None and label is None
+    cycle = (len(self.config.text.sample_prompts or ("",)) if prompts else self.config.model.num_classes) or None
+    return self._samples(sampled, seeds, prompts, None if prompts else conds, cycle if cycled else None)
 
   def interpolate(self, num_frames: int = 8, *, seed: int = 0, seed_end: int | None = None,
-                  label: int | None = None, label_end: int | None = None, prompt: str | None = None,
-                  prompt_end: str | None = None, **options) -> Samples:
+                  prompt: str | None = None, prompt_end: str | None = None, label: int | None = None,
+                  label_end: int | None = None, **options) -> Samples:
     """Frames along the spherical path from seed's noise to seed_end's (default seed + 1), sampled
-    deterministically (eta 0); a conditional model's class switches from label to label_end halfway (a text
-    model's prompt from prompt to prompt_end)."""
+    deterministically (eta 0); a class model's label switches from label to label_end halfway (a text model's
+    prompt from prompt to prompt_end). options: generate's sampling options."""
     options = self._sampling_options(**options)
     if options["sampler"] == "ddpm":
       raise ValueError("sampler='ddpm' is stochastic; interpolate with a deterministic one, e.g. ddim")
@@ -100,113 +159,122 @@ class Pipeline:
     if num_frames < 2:
       raise ValueError(f"num_frames={num_frames} must be at least 2")
     _check_seeds(seed, seed_end)
-    halves = (num_frames + 1) // 2
+    first, second = (num_frames + 1) // 2, num_frames // 2
     prompts = None
-    if self.config.model.context_dim:
-      prompt = (self.config.text.sample_prompts or ("",))[0] if prompt is None else prompt
-      prompts = [prompt] * halves + [prompt if prompt_end is None else prompt_end] * (num_frames - halves)
+    if self.is_text_model:
+      start = (self.config.text.sample_prompts or ("",))[0] if prompt is None else prompt
+      prompts = [start] * first + [start if prompt_end is None else prompt_end] * second
+      conds = self._cond(label, prompts, num_frames)
     else:
-      self._prompts(prompt_end if prompt is None else prompt, 0)  # raises if a prompt was given
-    labels = self._cond(label, prompts, num_frames) if prompts else self._interpolation_labels(
-        label, label_end, halves, num_frames - halves)
-    mc = self.config.model
-    noise = gen.interpolation_noise(seed, seed_end, num_frames, (mc.image_size, mc.image_size, mc.in_channels))
-    images = self._sample(noise, None, labels, dict(options, eta=0.0))
-    seeds = np.array([seed] * halves + [seed_end] * (num_frames - halves))
-    if prompts:
-      return Samples(images=images, labels=None, seeds=seeds, prompts=tuple(prompts))
-    return Samples(images=images, labels=labels, seeds=seeds)
+      self._prompts(prompt if prompt_end is None else prompt_end, 0)  # raises: this model takes no prompt
+      conds = self._interpolation_labels(label, label_end, first, second)
+    noise = gen.interpolation_noise(seed, seed_end, num_frames, self.noise_shape)
+    sampled = self._sample(noise, None, conds, dict(options, eta=0.0))
+    seeds = np.array([seed] * first + [seed_end] * second)
+    return self._samples(sampled, seeds, prompts, None if prompts else conds, None)
 
-  def invert(self, images: np.ndarray, *, label: int | Sequence[int] | None = None,
-             prompt: str | Sequence[str] | None = None, steps: int | None = None, spacing: str | None = None,
+  def invert(self, images: np.ndarray, *, prompt: str | Sequence[str] | None = None,
+             label: int | Sequence[int] | None = None, steps: int | None = None, spacing: str | None = None,
              refine: int = 0, clip_x0: bool | None = None) -> np.ndarray:
-    """DDIM inversion: the initial noise [N, H, W, C] from which `decode` (DDIM, eta 0, no guidance, same
-    steps and spacing) reproduces uint8 `images`. refine > 0 adds fixed-point iterations per step."""
+    """DDIM inversion: the initial noise [N, *noise_shape] from which generate(latents=noise, sampler="ddim",
+    eta=0, guidance_scale=1) with the same steps, spacing and condition reproduces uint8 `images`.
+    refine > 0 adds fixed-point iterations per step (one model evaluation each)."""
     options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing, clip_x0=clip_x0)
-    expected = self.image_shape
-    if np.asarray(images).dtype != np.uint8 or np.ndim(images) != 4 or np.shape(images)[1:] != expected:
-      raise ValueError(f"images must be uint8 [N, {', '.join(map(str, expected))}], got "
-                       f"{np.asarray(images).dtype} {np.shape(images)}")
-    labels = self._cond(label, self._prompts(prompt, len(images)), len(images))
-    x0 = uint8_to_model_range(np.asarray(images))
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.image_shape:
+      raise ValueError(f"images must be uint8 [N, {', '.join(map(str, self.image_shape))}], got "
+                       f"{images.dtype} {images.shape}")
+    conds = self._cond(label, self._prompts(prompt, len(images)), len(images))
+    x0 = imaging.uint8_to_model_range(images)
     if self.codec:
-      x0 = self.codec.encode(x0)  # the posterior mean; the returned noise is latent-shaped
-    return np.asarray(gen.invert_unet(self.params, self.schedule, x0, labels,
-                                      model=self.model, prediction=self.config.diffusion.prediction,
-                                      num_steps=options["num_steps"], spacing=options["spacing"], refine=refine,
-                                      clip_x0=options["clip_x0"]))
+      x0 = self.codec.encode(x0)  # the posterior mean
+    return np.asarray(gen.invert_unet(self.params, self.schedule, x0, conds, model=self.model,
+                                      prediction=self.config.diffusion.prediction, steps=options["steps"],
+                                      spacing=options["spacing"], refine=refine, clip_x0=options["clip_x0"]))
 
-  def decode(self, noise: np.ndarray, *, label: int | Sequence[int] | None = None,
-             prompt: str | Sequence[str] | None = None, steps: int | None = None,
-             spacing: str | None = None, clip_x0: bool | None = None) -> np.ndarray:
-    """uint8 images sampled deterministically (DDIM, eta 0, no guidance) from given initial noise."""
-    options = self._sampling_options(sampler="ddim", steps=steps, spacing=spacing, guidance=1.0, eta=0.0,
-                                     clip_x0=clip_x0)
-    mc = self.config.model
-    expected = (mc.image_size, mc.image_size, mc.in_channels)
-    noise = np.asarray(noise)
-    if noise.ndim != 4 or noise.shape[1:] != expected or not np.issubdtype(noise.dtype, np.floating):
-      raise ValueError(f"noise must be float [N, {', '.join(map(str, expected))}], got {noise.dtype} {noise.shape}")
-    if not np.all(np.isfinite(noise)):
-      raise ValueError("noise holds NaN or infinite values")
-    labels = self._cond(label, self._prompts(prompt, len(noise)), len(noise))
-    return self._sample(noise.astype(np.float32), None, labels, options)
+  def _count(self, num, prompt, label, latents) -> int:
+    if prompt is not None and not (isinstance(prompt, str) or _is_str_sequence(prompt)):
+      raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r}; to set how many images, "
+                      "pass num=...")
+    if num is None:
+      given = [len(x) for x in (prompt, label, latents) if x is not None and not isinstance(x, (str, int))
+               and np.ndim(x) > 0]
+      num = given[0] if given else 1
+    if not isinstance(num, (int, np.integer)) or num < 1:
+      raise ValueError(f"num={num!r} must be an integer >= 1")
+    return int(num)
+
+  def _check_latents(self, latents, num: int) -> np.ndarray:
+    latents = np.asarray(latents)
+    expected = (num, *self.noise_shape)
+    if latents.shape != expected or not np.issubdtype(latents.dtype, np.floating):
+      raise ValueError(f"latents must be float {list(expected)}, got {latents.dtype} {list(latents.shape)}")
+    if not np.all(np.isfinite(latents)):
+      raise ValueError("latents hold NaN or infinite values")
+    return latents.astype(np.float32)
+
+  def _samples(self, sampled: np.ndarray, seeds, prompts, labels, cycle) -> Samples:
+    decoded = np.asarray(self.codec.decode(sampled)) if self.codec else sampled
+    return Samples(images=imaging.model_range_to_uint8(decoded), seeds=seeds, labels=labels,
+                   prompts=None if prompts is None else tuple(prompts),
+                   latents=sampled if self.codec else None, cycle=cycle)
 
   def _interpolation_labels(self, label, label_end, first: int, second: int) -> np.ndarray | None:
     if not self.config.model.num_classes:
       return self._labels(label if label_end is None else label_end, 0)  # raises if a label was given
     label = 0 if label is None else label
-    return np.concatenate([self._labels(label, first), self._labels(label if label_end is None else label_end,
-                                                                     second)])
+    return np.concatenate([self._labels(label, first),
+                           self._labels(label if label_end is None else label_end, second)])
 
   def _sampling_options(self, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
-                        guidance: float | None = None, guidance_rescale: float = 0.0,
+                        guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                         negative_label: int | None = None, negative_prompt: str | None = None,
                         eta: float | None = None, clip_x0: bool | None = None) -> dict:
     """The sampler's keyword arguments, defaults filled in from the config and every value checked."""
     sc = self.config.sampling
     sampler, spacing = sampler or sc.sampler, spacing or sc.spacing
-    steps = sc.num_steps if steps is None else steps
+    steps = sc.steps if steps is None else steps
     self._check_sampler(sampler, steps, spacing)
     if not 0.0 <= guidance_rescale <= 1.0:
       raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1]")
-    negative = None if negative_label is None else int(self._labels(negative_label, 1)[0])
     eta = sc.eta if eta is None else eta
     if not (np.isfinite(eta) and eta >= 0):
       raise ValueError(f"eta={eta} must be a finite number >= 0 (0 = deterministic)")
-    if self.config.model.context_dim:  # A text model's negative is token ids: the empty prompt's by default.
+    negative = None if negative_label is None else int(self._labels(negative_label, 1)[0])
+    if self.is_text_model:  # A text model's negative is token ids: the empty prompt's by default.
       negative = self.config.text.tokenizer().encode(negative_prompt or "")[0]
     elif negative_prompt is not None:
       raise ValueError(f"negative_prompt={negative_prompt!r} given, but this model takes no text "
                        "(config.model.context_dim=0)")
-    return dict(sampler=sampler, num_steps=steps, spacing=spacing, guidance_rescale=guidance_rescale,
-                guidance_scale=self._check_guidance(sc.guidance_scale if guidance is None else guidance),
-                negative_label=negative, eta=eta, clip_x0=self.config.clip_x0 if clip_x0 is None else bool(clip_x0))
+    return dict(sampler=sampler, steps=steps, spacing=spacing, guidance_rescale=guidance_rescale,
+                guidance_scale=self._check_guidance(sc.guidance_scale if guidance_scale is None else guidance_scale),
+                negative_label=negative, eta=eta,
+                clip_x0=self.config.clip_x0 if clip_x0 is None else bool(clip_x0))
 
-  def _generate_padded(self, seeds, labels, size: int, options: dict) -> np.ndarray:
-    """Pads a short last chunk to `size`, so every chunk reuses one compiled program."""
+  def _sample_padded(self, seeds, noise, conds, size: int, options: dict) -> np.ndarray:
+    """Pads a short last batch to `size`, so every batch reuses one compiled program."""
     n = len(seeds)
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)])
-    noise, keys = gen.seeded_noise(self.model, pad(seeds))
-    return self._sample(noise, keys, None if labels is None else pad(labels), options)[:n]
+    seeded, keys = gen.seeded_noise(self.noise_shape, pad(seeds))
+    noise = seeded if noise is None else pad(noise)
+    return self._sample(noise, keys, None if conds is None else pad(conds), options)[:n]
 
-  def _sample(self, noise, keys, labels, options: dict) -> np.ndarray:
-    """uint8 images from initial noise; keys=None for deterministic sampling (eta 0), which draws nothing."""
+  def _sample(self, noise, keys, conds, options: dict) -> np.ndarray:
+    """What the sampler returns from initial noise (images in [-1, 1], or latents), as a host array; keys=None
+    for deterministic sampling (eta 0), which draws nothing."""
     if keys is None:
       keys = jax.random.split(jax.random.key(0), len(noise))
     options = dict(options)
     negative = options.pop("negative_label")
     negatives = None if negative is None else np.broadcast_to(np.asarray(negative, np.int32),
                                                               (len(noise),) + np.shape(negative))
-    images = gen.sample_unet(self.model, self.params, self.schedule, noise, keys, labels=labels,
-                             negative_labels=negatives, prediction=self.config.diffusion.prediction, **options)
-    if self.codec:
-      images = self.codec.decode(images)
-    return model_range_to_uint8(images)
+    return np.asarray(gen.sample_unet(self.model, self.params, self.schedule, noise, keys, labels=conds,
+                                      negative_labels=negatives, prediction=self.config.diffusion.prediction,
+                                      **options))
 
   def _prompts(self, prompt, num: int) -> list[str] | None:
     """A text model's prompt for each of `num` images (None: cycle through config.text.sample_prompts)."""
-    if not self.config.model.context_dim:
+    if not self.is_text_model:
       if prompt is not None:
         raise ValueError(f"prompt={prompt!r} given, but this model takes no text (config.model.context_dim=0): "
                          "use label=...")
@@ -227,44 +295,43 @@ class Pipeline:
       raise ValueError(f"label={label!r} given, but this is a text-to-image model: pass prompt=... instead")
     return self.config.text.tokenizer().encode(prompts)
 
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    """(H, W, C) of the images this model generates (for a latent model, what its VAE decodes to)."""
-    if self.codec:
-      size = self.config.model.image_size * self.codec.vae.downsample_factor
-      return (size, size, self.codec.vae.in_channels)
-    mc = self.config.model
-    return (mc.image_size, mc.image_size, mc.in_channels)
-
   def _labels(self, label, num: int) -> np.ndarray | None:
     num_classes = self.config.model.num_classes
     if not num_classes:
       if label is not None:
         raise ValueError(f"label={label!r} given, but this model is unconditional (config.model.num_classes=0)")
       return None
-    labels = np.arange(num) % num_classes if label is None else np.broadcast_to(np.asarray(label), (num,))
+    labels = np.arange(num) % num_classes if label is None else np.asarray(label)
+    if labels.ndim == 0:
+      labels = np.broadcast_to(labels, (num,))
+    if labels.shape != (num,):
+      raise ValueError(f"got {len(labels)} labels for {num} images: give one label, or one per image")
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
       raise ValueError(f"label {int(bad[0])} is outside this model's classes: use 0..{num_classes - 1}")
     return labels.astype(np.int32)
 
-  def _check_guidance(self, guidance: float) -> float:
-    if not (np.isfinite(guidance) and guidance >= 0):
-      raise ValueError(f"guidance={guidance} must be a finite number >= 0 (1 = no guidance)")
+  def _check_guidance(self, guidance_scale: float) -> float:
+    if not (np.isfinite(guidance_scale) and guidance_scale >= 0):
+      raise ValueError(f"guidance_scale={guidance_scale} must be a finite number >= 0 (1 = no guidance)")
     conditional = self.config.model.num_classes or self.config.model.context_dim
-    if guidance != 1.0 and not conditional:
-      raise ValueError(f"guidance={guidance} needs a class-conditional model; this one is unconditional: "
-                       "use guidance=1")
-    return float(guidance) if conditional else 1.0
+    if guidance_scale != 1.0 and not conditional:
+      raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model; this one is unconditional: "
+                       "use guidance_scale=1")
+    return float(guidance_scale) if conditional else 1.0
 
   def _check_sampler(self, sampler: str, steps: int, spacing: str) -> None:
     if sampler not in samplers.SAMPLERS:
       raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
     if spacing not in samplers.SPACINGS:
       raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(samplers.SPACINGS)}")
-    if not 1 <= steps <= self.config.diffusion.num_timesteps:
-      raise ValueError(f"steps={steps} must be between 1 and the model's "
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.config.diffusion.num_timesteps:
+      raise ValueError(f"steps={steps!r} must be an integer between 1 and the model's "
                        f"{self.config.diffusion.num_timesteps} diffusion timesteps")
+
+
+def _is_str_sequence(value) -> bool:
+  return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
 def _check_seeds(first: int, last: int) -> None:
@@ -275,7 +342,8 @@ def _check_seeds(first: int, last: int) -> None:
 
 
 def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
-  """Restores a trained model from a work dir (its latest checkpoint, or `step`), EMA params by default.
+  """Restores a trained model from a work dir (its latest checkpoint, or `step`), EMA params by default, replicated
+  over this process's devices (sampling splits its batch over them).
 
   Without `step`, an unreadable latest checkpoint is reported (a warning naming its path) and the one before it
   is used; a given `step` that is unreadable raises UnreadableCheckpointError.
@@ -291,7 +359,6 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
   if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}; available steps: "
                             f"{', '.join(map(str, sorted(steps)))}")
-  # Params on every local device: sampling splits its batch over them (generate.spread_batch).
   replicated = sharding.over_devices(jax.local_devices())
 
   def restore(s: int) -> Pipeline:
@@ -301,11 +368,34 @@ def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
                         "work dir that uses it, or measure it with bench/vae_psnr.py")
     config = parse_config(raw)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                      abstract_train_state(config))
-    state = checkpoint.restore_checked(manager, s, abstract)
-    codec = latent.load_codec(config) if config.latent.enabled else None
-    return Pipeline(config=config, params=state.ema_params if ema else state.params, step=s, codec=codec)
+                                      build.abstract_params(config))
+    params = checkpoint.restore_params(manager, s, abstract, "ema_params" if ema else "params")
+    return Pipeline(config=config, params=params, step=s, codec=_codec(config))
 
   if step is not None:
     return restore(step)
   return checkpoint.restore_latest(manager, restore)[1]
+
+
+def from_state(config, state, *, ema: bool = True) -> Pipeline:
+  """A pipeline on parameters in memory, no work dir needed.
+
+  config: the run's config (a ConfigDict, dict or typed Config); for a latent model, the one training resolved
+    (TrainResult.config), which names the VAE and its scaling factor.
+  state: what training returns (a TrainResult or TrainState: its EMA params, or params with ema=False), or a
+    params tree itself.
+  """
+  state = getattr(state, "state", state)
+  params = getattr(state, "ema_params" if ema else "params", state)
+  config = config if isinstance(config, Config) else parse_config(config)
+  return Pipeline(config=config, params=params, step=int(state.step) if hasattr(state, "step") else None,
+                  codec=_codec(config))
+
+
+def _codec(config: Config) -> latent.LatentCodec | None:
+  if not config.latent.enabled:
+    return None
+  if not (config.latent.scaling_factor and os.path.isabs(config.latent.vae_workdir)):
+    raise ConfigError("this latent model's config does not name its trained VAE and scaling factor: pass the config "
+                      "that training resolved (TrainResult.config, or the one in its checkpoints)")
+  return latent.load_codec(config)

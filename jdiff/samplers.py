@@ -30,41 +30,41 @@ TUNABLE_ETA = ("ddim", "euler_ancestral", "dpmpp_2m_sde")
 
 # Step selection.
 
-def timesteps(*, num_timesteps: int, num_steps: int, spacing: str) -> np.ndarray:
-  """Descending integer timesteps, as diffusers' `timestep_spacing` (T = num_timesteps, n = num_steps).
+def timesteps(*, num_timesteps: int, steps: int, spacing: str) -> np.ndarray:
+  """Descending integer timesteps, as diffusers' `timestep_spacing` (T = num_timesteps, n = steps).
 
   leading: multiples of T // n from 0 (never starts at T - 1); trailing: T - 1 down in strides of T / n
   (starts from pure noise; n = T gives every timestep); linspace: n points rounded from [0, T - 1].
   """
-  t, n = num_timesteps, num_steps
+  t, n = num_timesteps, steps
   if spacing == "leading":
-    steps = np.arange(n) * (t // n)
+    ts = np.arange(n) * (t // n)
   elif spacing == "trailing":
-    steps = np.round(t - np.arange(n) * t / n) - 1
+    ts = np.round(t - np.arange(n) * t / n) - 1
   elif spacing == "linspace":
-    steps = np.round(np.linspace(0, t - 1, n))
+    ts = np.round(np.linspace(0, t - 1, n))
   else:
     raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS[:3])}")
-  return np.sort(steps.astype(np.int32))[::-1]
+  return np.sort(ts.astype(np.int32))[::-1]
 
 
-def karras_sigmas(*, sigma_min, sigma_max, num_steps: int, rho: float = 7.0) -> jnp.ndarray:
+def karras_sigmas(*, sigma_min, sigma_max, steps: int, rho: float = 7.0) -> jnp.ndarray:
   """n descending noise levels evenly spaced in sigma^(1/rho), from sigma_max to sigma_min (Karras et al., 2022)."""
-  ramp = jnp.linspace(0.0, 1.0, num_steps)
+  ramp = jnp.linspace(0.0, 1.0, steps)
   hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
   return (hi + ramp * (lo - hi)) ** rho
 
 
-def noise_levels(schedule: Schedule, *, num_steps: int, spacing: str):
+def noise_levels(schedule: Schedule, *, steps: int, spacing: str):
   """(sigmas, ts), each [n] and descending: the levels the model is evaluated at before the final step to 0.
 
   Timestep spacings give integer ts and the schedule's sigmas at them; 'karras' spans the schedule's own sigma
   range and maps each sigma to a fractional timestep.
   """
   if spacing == "karras":
-    sigmas = karras_sigmas(sigma_min=schedule.sigmas[0], sigma_max=schedule.sigmas[-1], num_steps=num_steps)
+    sigmas = karras_sigmas(sigma_min=schedule.sigmas[0], sigma_max=schedule.sigmas[-1], steps=steps)
     return sigmas, sigma_to_t(schedule, sigmas)
-  ts = timesteps(num_timesteps=schedule.num_timesteps, num_steps=num_steps, spacing=spacing)
+  ts = timesteps(num_timesteps=schedule.num_timesteps, steps=steps, spacing=spacing)
   return schedule.sigmas[ts], jnp.asarray(ts, jnp.float32)
 
 
@@ -195,13 +195,13 @@ _SAMPLER_FNS = {"ddpm": ancestral, "ddim": ancestral, "euler": ancestral, "euler
 
 # The loop.
 
-def _denoiser(model_fn, cond, *, parameterisation, clip_x0):
+def _denoiser(model_fn, cond, *, prediction, clip_x0):
   """denoise(x, sigma, t) -> x0 in fp32, calling the model on x_t = x sqrt(abar) with t broadcast to [B]."""
   def denoise(x, sigma, t):
     alpha_bar = 1.0 / (1.0 + sigma**2)
     x_t = x * jnp.sqrt(alpha_bar)
     pred = model_fn(x_t, jnp.full((x.shape[0],), t, jnp.float32), cond)
-    x0, _ = diffusion.to_x0_eps(pred, x_t=x_t, alpha_bar=alpha_bar, parameterisation=parameterisation)
+    x0, _ = diffusion.to_x0_eps(pred, x_t=x_t, alpha_bar=alpha_bar, prediction=prediction)
     return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
   return denoise
 
@@ -220,20 +220,20 @@ def _step_noise(rng, shape):
   return lambda i: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape[1:]))(keys)
 
 
-def _check(schedule, *, sampler, num_steps, spacing, parameterisation):
+def _check(schedule, *, sampler, steps, spacing, prediction):
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
   if spacing not in SPACINGS:
     raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-  if parameterisation not in diffusion.PARAMETERISATIONS:
-    raise ValueError(f"unknown parameterisation {parameterisation!r}; choose one of "
-                     f"{', '.join(diffusion.PARAMETERISATIONS)}")
-  if not 1 <= num_steps <= schedule.num_timesteps:
-    raise ValueError(f"num_steps must be in [1, {schedule.num_timesteps}], got {num_steps}")
+  if prediction not in diffusion.PREDICTIONS:
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of "
+                     f"{', '.join(diffusion.PREDICTIONS)}")
+  if not 1 <= steps <= schedule.num_timesteps:
+    raise ValueError(f"steps must be in [1, {schedule.num_timesteps}], got {steps}")
 
 
-def sample(model_fn, schedule: Schedule, noise, cond=None, *, sampler: str = "ddim", num_steps: int = 50,
-           parameterisation: str = "eps", rng=None, eta=None, spacing: str = "trailing", clip_x0: bool = True,
+def sample(model_fn, schedule: Schedule, noise, cond=None, *, sampler: str = "ddim", steps: int = 50,
+           prediction: str = "eps", rng=None, eta=None, spacing: str = "trailing", clip_x0: bool = True,
            lower_order_final: bool = False):
   """x0 samples from standard-normal `noise` [B, ...], in one compiled loop.
 
@@ -246,26 +246,26 @@ def sample(model_fn, schedule: Schedule, noise, cond=None, *, sampler: str = "dd
   lower_order_final: multistep samplers take their last step between nonzero levels at first order.
   Traced: noise, cond, rng, eta, schedule. Static: everything else, including model_fn (hashed by identity).
   """
-  _check(schedule, sampler=sampler, num_steps=num_steps, spacing=spacing, parameterisation=parameterisation)
+  _check(schedule, sampler=sampler, steps=steps, spacing=spacing, prediction=prediction)
   if eta is None or sampler not in TUNABLE_ETA:
     eta = DEFAULT_ETA.get(sampler, 0.0)
   if isinstance(eta, (int, float)) and eta == 0:
     rng = None  # nothing to draw: keeps random number generation out of the compiled loop
   elif rng is None and sampler in DEFAULT_ETA:
     raise ValueError(f"sampler {sampler!r} with eta={eta} injects noise: pass rng")
-  return _sample(model_fn, schedule, noise, cond, rng, eta, sampler=sampler, num_steps=num_steps,
-                 parameterisation=parameterisation, spacing=spacing, clip_x0=clip_x0,
+  return _sample(model_fn, schedule, noise, cond, rng, eta, sampler=sampler, steps=steps,
+                 prediction=prediction, spacing=spacing, clip_x0=clip_x0,
                  lower_order_final=lower_order_final)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=(
-    "sampler", "num_steps", "parameterisation", "spacing", "clip_x0", "lower_order_final"))
-def _sample(model_fn, schedule, noise, cond, rng, eta, *, sampler, num_steps, parameterisation, spacing,
+    "sampler", "steps", "prediction", "spacing", "clip_x0", "lower_order_final"))
+def _sample(model_fn, schedule, noise, cond, rng, eta, *, sampler, steps, prediction, spacing,
             clip_x0, lower_order_final):
-  sigmas, ts = noise_levels(schedule, num_steps=num_steps, spacing=spacing)
-  denoise = _denoiser(model_fn, cond, parameterisation=parameterisation, clip_x0=clip_x0)
+  sigmas, ts = noise_levels(schedule, steps=steps, spacing=spacing)
+  denoise = _denoiser(model_fn, cond, prediction=prediction, clip_x0=clip_x0)
   x = noise.astype(jnp.float32) * jnp.sqrt(1.0 + sigmas[0] ** 2)
-  if num_steps > 1:
+  if steps > 1:
     levels = steps_between(sigmas, ts, lower_order_final=lower_order_final)
     noise = _step_noise(rng, x.shape)
     x = _SAMPLER_FNS[sampler](denoise, x, levels, eta=jnp.asarray(eta, jnp.float32), noise=noise)
@@ -349,7 +349,7 @@ def interpolate(model_fn, schedule: Schedule, noise_a, noise_b, cond_a=None, con
   return sample(model_fn, schedule, noise, cond, eta=0.0, **sample_kwargs)
 
 
-def ddim_invert(model_fn, schedule: Schedule, x0, cond=None, *, num_steps: int = 50, parameterisation: str = "eps",
+def ddim_invert(model_fn, schedule: Schedule, x0, cond=None, *, steps: int = 50, prediction: str = "eps",
                 spacing: str = "trailing", clip_x0: bool = True, refine: int = 0):
   """The initial noise that sample(..., sampler='ddim', eta=0) with the same settings decodes into x0.
 
@@ -360,16 +360,16 @@ def ddim_invert(model_fn, schedule: Schedule, x0, cond=None, *, num_steps: int =
   first order in the step size. refine > 0 adds that many fixed-point iterations per step (one model
   evaluation each) solving for the point DDIM's step maps onto x: nearly exact once the steps are not too big.
   """
-  _check(schedule, sampler="ddim", num_steps=num_steps, spacing=spacing, parameterisation=parameterisation)
-  return _invert(model_fn, schedule, x0, cond, num_steps=num_steps, parameterisation=parameterisation,
+  _check(schedule, sampler="ddim", steps=steps, spacing=spacing, prediction=prediction)
+  return _invert(model_fn, schedule, x0, cond, steps=steps, prediction=prediction,
                  spacing=spacing, clip_x0=clip_x0, refine=refine)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=(
-    "num_steps", "parameterisation", "spacing", "clip_x0", "refine"))
-def _invert(model_fn, schedule, x0, cond, *, num_steps, parameterisation, spacing, clip_x0, refine):
-  sigmas, ts = noise_levels(schedule, num_steps=num_steps, spacing=spacing)
-  denoise = _denoiser(model_fn, cond, parameterisation=parameterisation, clip_x0=clip_x0)
+    "steps", "prediction", "spacing", "clip_x0", "refine"))
+def _invert(model_fn, schedule, x0, cond, *, steps, prediction, spacing, clip_x0, refine):
+  sigmas, ts = noise_levels(schedule, steps=steps, spacing=spacing)
+  denoise = _denoiser(model_fn, cond, prediction=prediction, clip_x0=clip_x0)
   eps = lambda x, sigma, t: (x - denoise(x, sigma, t)) / sigma
 
   def step(x, level):

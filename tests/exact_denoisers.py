@@ -45,8 +45,8 @@ def class_mixture_x0(x, sigma, labels, *, means, variances, weights):
   return mixture_x0(x, sigma, means=means, variances=variances, weights=class_weights)
 
 
-def as_model_fn(x0_fn, schedule, parameterisation):
-  """model_fn(x_t, t, cond) in the given parameterisation from x0_fn(x, sigma [B, 1], cond) in the VE scale."""
+def as_model_fn(x0_fn, schedule, prediction):
+  """model_fn(x_t, t, cond) in the given prediction from x0_fn(x, sigma [B, 1], cond) in the VE scale."""
   def model_fn(x_t, t, cond):
     flat = x_t.reshape(x_t.shape[0], -1)
     sigma = schedules.t_to_sigma(schedule, t)[:, None]
@@ -54,5 +54,5 @@ def as_model_fn(x0_fn, schedule, parameterisation):
     x0 = x0_fn(flat / jnp.sqrt(alpha_bar), sigma, cond)
     eps = diffusion.eps_from_x0(x_t=flat, x0=x0, alpha_bar=alpha_bar)
     out = {"x0": x0, "eps": eps, "v": diffusion.v_from_x0_eps(x0=x0, eps=eps, alpha_bar=alpha_bar)}
-    return out[parameterisation].reshape(x_t.shape)
+    return out[prediction].reshape(x_t.shape)
   return model_fn

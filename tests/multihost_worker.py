@@ -7,9 +7,9 @@ import sys
 
 from absl import logging
 
-from configs import tiny
-from jdiff import runtime
-from jdiff.train.loop import train_and_evaluate
+from jdiff.cli import runtime
+from jdiff.configs import tiny
+from jdiff.train import train_and_evaluate
 
 
 def job_config(**parallel):
@@ -22,7 +22,7 @@ def job_config(**parallel):
 
 
 def main(port: str, process_id: str, num_processes: str, workdir: str) -> None:
-  logging.set_verbosity(logging.INFO)  # the test reads "Resuming from checkpoint at step 4" in the log
+  logging.set_verbosity(logging.INFO)  # the test reads "resuming from checkpoint at step 4" in the log
   runtime.enable_compilation_cache()
   raw = job_config(coordinator_address=f"localhost:{port}", num_processes=int(num_processes),
                    process_id=int(process_id))

@@ -1,4 +1,4 @@
-"""Forward process, posterior, parameterisations and losses against closed forms and statistics."""
+"""Forward process, posterior, predictions and losses against closed forms and statistics."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,16 +58,16 @@ def test_posterior_log_variance_is_clipped_at_t0():
   np.testing.assert_allclose(float(log_var[0, 0]), np.log(float(SCHED.posterior_variance[1])), rtol=1e-5)
 
 
-@pytest.mark.parametrize("parameterisation", diffusion.PARAMETERISATIONS)
-def test_every_parameterisation_round_trips_to_x0_and_eps(parameterisation):
+@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+def test_every_prediction_round_trips_to_x0_and_eps(prediction):
   k1, k2 = jax.random.split(jax.random.key(1))
   x0 = jax.random.uniform(k1, (16, 4, 4, 1), minval=-1, maxval=1)
   eps = jax.random.normal(k2, x0.shape)
   t = jnp.linspace(0, 999, 16).astype(jnp.int32)
   abar = diffusion.extract(SCHED.alphas_cumprod, t, 4)
   xt = diffusion.q_sample(SCHED, x0, t, eps)
-  target = diffusion.training_target(x0=x0, noise=eps, alpha_bar=abar, parameterisation=parameterisation)
-  x0_hat, eps_hat = diffusion.to_x0_eps(target, x_t=xt, alpha_bar=abar, parameterisation=parameterisation)
+  target = diffusion.training_target(x0=x0, noise=eps, alpha_bar=abar, prediction=prediction)
+  x0_hat, eps_hat = diffusion.to_x0_eps(target, x_t=xt, alpha_bar=abar, prediction=prediction)
   # x0 from eps divides by sqrt(abar): its error grows with t, so compare in the x_t scale.
   np.testing.assert_allclose(jnp.sqrt(abar) * x0_hat, jnp.sqrt(abar) * x0, atol=2e-5)
   np.testing.assert_allclose(jnp.sqrt(1 - abar) * eps_hat, jnp.sqrt(1 - abar) * eps, atol=2e-5)
@@ -84,18 +84,18 @@ def test_v_is_a_rotation_of_x0_and_eps():
 
 def test_bf16_predictions_are_converted_in_fp32():
   x0, _ = diffusion.to_x0_eps(jnp.ones((2, 3), jnp.bfloat16), x_t=jnp.ones((2, 3)), alpha_bar=jnp.array(0.5),
-                              parameterisation="eps")
+                              prediction="eps")
   assert x0.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("parameterisation", diffusion.PARAMETERISATIONS)
-def test_loss_is_zero_for_the_exact_target_and_positive_otherwise(parameterisation):
+@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+def test_loss_is_zero_for_the_exact_target_and_positive_otherwise(prediction):
   x0 = jnp.ones((4, 2, 2, 1)) * 0.5
   noise = jax.random.normal(jax.random.key(2), x0.shape)
   t = jnp.array([0, 100, 500, 999])
   abar = diffusion.extract(SCHED.alphas_cumprod, t, 4)
-  target = diffusion.training_target(x0=x0, noise=noise, alpha_bar=abar, parameterisation=parameterisation)
-  kw = dict(schedule=SCHED, x0=x0, noise=noise, t=t, parameterisation=parameterisation)
+  target = diffusion.training_target(x0=x0, noise=noise, alpha_bar=abar, prediction=prediction)
+  kw = dict(schedule=SCHED, x0=x0, noise=noise, t=t, prediction=prediction)
   np.testing.assert_allclose(diffusion.diffusion_loss(target, **kw), 0.0, atol=1e-10)
   np.testing.assert_allclose(diffusion.diffusion_loss(target + 0.1, **kw), 0.01, rtol=1e-4)
 
@@ -103,16 +103,16 @@ def test_loss_is_zero_for_the_exact_target_and_positive_otherwise(parameterisati
 def test_min_snr_weights():
   snr = jnp.array([0.1, 5.0, 100.0])
   gamma = 5.0
-  np.testing.assert_allclose(diffusion.loss_weight(snr, parameterisation="eps", min_snr_gamma=gamma),
+  np.testing.assert_allclose(diffusion.loss_weight(snr, prediction="eps", min_snr_gamma=gamma),
                              [1.0, 1.0, 0.05], rtol=1e-6)
-  np.testing.assert_allclose(diffusion.loss_weight(snr, parameterisation="x0", min_snr_gamma=gamma),
+  np.testing.assert_allclose(diffusion.loss_weight(snr, prediction="x0", min_snr_gamma=gamma),
                              [0.1, 5.0, 5.0], rtol=1e-6)
-  np.testing.assert_allclose(diffusion.loss_weight(snr, parameterisation="v", min_snr_gamma=gamma),
+  np.testing.assert_allclose(diffusion.loss_weight(snr, prediction="v", min_snr_gamma=gamma),
                              [0.1 / 1.1, 5 / 6, 5 / 101], rtol=1e-6)
-  np.testing.assert_allclose(diffusion.loss_weight(snr, parameterisation="eps", min_snr_gamma=None), 1.0)
+  np.testing.assert_allclose(diffusion.loss_weight(snr, prediction="eps", min_snr_gamma=None), 1.0)
 
 
-def test_min_snr_weighting_is_the_same_x0_error_in_every_parameterisation():
+def test_min_snr_weighting_is_the_same_x0_error_in_every_prediction():
   """With min-SNR, a given x0 error costs the same whatever the network predicts."""
   x0 = jnp.zeros((3, 2, 2, 1))
   noise = jax.random.normal(jax.random.key(3), x0.shape)
@@ -123,7 +123,7 @@ def test_min_snr_weighting_is_the_same_x0_error_in_every_parameterisation():
   eps_wrong = diffusion.eps_from_x0(x_t=xt, x0=x0_wrong, alpha_bar=abar)
   preds = {"x0": x0_wrong, "eps": eps_wrong,
            "v": diffusion.v_from_x0_eps(x0=x0_wrong, eps=eps_wrong, alpha_bar=abar)}
-  losses = [diffusion.diffusion_loss(preds[p], schedule=SCHED, x0=x0, noise=noise, t=t, parameterisation=p,
+  losses = [diffusion.diffusion_loss(preds[p], schedule=SCHED, x0=x0, noise=noise, t=t, prediction=p,
                                      min_snr_gamma=5.0) for p in ("eps", "x0", "v")]
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
   np.testing.assert_allclose(losses[2], losses[1], rtol=1e-3)

@@ -1,11 +1,11 @@
-"""jdiff/host_memory.py in fresh processes: a worker thread's large blocks are reused instead of faulted in again."""
+"""jdiff/cli/host_memory.py in fresh processes: a worker thread's large blocks are reused instead of faulted in again."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from jdiff import host_memory
+from jdiff.cli import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # temporaries, three steps); prints the page faults each round took.
 ROUNDS = """
 import ctypes, resource, sys, threading
-from jdiff.host_memory import keep_freed_memory
-print(keep_freed_memory())
+from jdiff.cli.host_memory import keep_freed_memory
+print(keep_freed_memory() if sys.argv[1] == "keep" else False)
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -32,23 +32,24 @@ worker.join()
 """
 
 
-def fault_rounds(**env_changes) -> tuple[str, list[int]]:
-  env = dict(os.environ, PYTHONPATH=ROOT, **env_changes)
-  out = subprocess.run([sys.executable, "-c", ROUNDS], env=env, capture_output=True, text=True, check=True).stdout
+def fault_rounds(mode: str) -> tuple[str, list[int]]:
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-c", ROUNDS, mode], env=env, capture_output=True, text=True,
+                       check=True).stdout
   tuned, *faults = out.split()
   return tuned, [int(f) for f in faults]
 
 
 @pytest.mark.skipif(not host_memory.is_glibc(), reason="tunes glibc's malloc")
 def test_freed_blocks_are_reused_without_page_faults():
-  tuned, faults = fault_rounds()
+  tuned, faults = fault_rounds("keep")
   assert tuned == "True"
   assert faults[0] > 60_000  # the first round maps 65,536 pages of 4 KiB
   assert faults[1] < 100 and faults[2] < 100, faults
 
 
 @pytest.mark.skipif(not host_memory.is_glibc(), reason="tunes glibc's malloc")
-def test_turned_off_every_round_faults_again():
-  tuned, faults = fault_rounds(JDIFF_KEEP_HOST_MEMORY="0")
+def test_untuned_every_round_faults_again():
+  tuned, faults = fault_rounds("plain")
   assert tuned == "False"
   assert min(faults) > 60_000, faults

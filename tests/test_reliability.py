@@ -18,15 +18,15 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 import jdiff
-from configs import tiny
-from jdiff import data, runtime
+from jdiff import checkpoint, data, sharding
 from jdiff import generate as gen
+from jdiff.cli import runtime
 from jdiff.config import ConfigError, parse_config
+from jdiff.configs import tiny
 from jdiff.schedules import make_schedule
-from jdiff.train import checkpoint, faults, sharding
-from jdiff.train.loop import _mean_metrics, train_and_evaluate
-from jdiff.train.state import abstract_train_state, create_train_state
-from jdiff.train.step import train_step
+from jdiff.train import faults, train_and_evaluate
+from jdiff.train.loop import mean_metrics
+from jdiff.train.step import abstract_train_state, create_train_state, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("JDIFF_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax"))
@@ -74,7 +74,7 @@ def truncate_state_files(step_dir):
 def trained(tmp_path_factory):
   """A 4-step tiny run with checkpoints at 2 and 4 (in-process: shares the compiled step with other tests)."""
   workdir = tmp_path_factory.mktemp("rel") / "run"
-  state = train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(workdir))
+  state = train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(workdir)).state
   return workdir, state
 
 
@@ -87,7 +87,7 @@ def test_killed_and_preempted_train_py_resumes_bit_identically(tmp_path):
   run's bit for bit, and no kill left an unreadable checkpoint behind."""
   num_steps, every = 20, 4
   reference = train_and_evaluate(tiny_config(num_steps=num_steps, checkpoint_every=num_steps, log_every=every),
-                                 str(tmp_path / "reference"))
+                                 str(tmp_path / "reference")).state
   workdir = tmp_path / "interrupted"
   args = ["--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.training.num_steps={num_steps}",
           f"--config.training.checkpoint_every={every}", f"--config.training.log_every={every}"]
@@ -114,7 +114,7 @@ def test_killed_and_preempted_train_py_resumes_bit_identically(tmp_path):
   assert returncode == 0, err[-3000:]
   logs.append(err)
   assert not any("unreadable" in log or "Traceback" in log for log in logs)
-  assert sum("Resuming from checkpoint" in log for log in logs) == 3
+  assert sum("resuming from checkpoint" in log for log in logs) == 3
   assert not glob.glob(str(workdir / "checkpoints" / "*.orbax-checkpoint-tmp*"))
   resumed = restore_final(workdir, num_steps)
   assert int(resumed.step) == num_steps
@@ -159,7 +159,7 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_set_aside(trained, tmp_p
     jdiff.load(str(workdir), step=4)
   assert jdiff.load(str(workdir)).step == 2  # the latest readable one
 
-  resumed = train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(workdir))
+  resumed = train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(workdir)).state
   names = sorted(os.listdir(workdir / "checkpoints"))
   assert names == ["2", "4", "4.unreadable"]  # the damaged step kept under another name, the tmp dir removed
   for a, b in zip(leaves(straight), leaves(resumed)):
@@ -235,7 +235,7 @@ def test_a_non_finite_step_is_not_applied(step_setup):
 def test_logged_metrics_average_applied_steps_and_count_skipped_ones():
   history = [{"loss": 1.0, "nonfinite_steps": 0}, {"loss": float("nan"), "nonfinite_steps": 1},
              {"loss": 3.0, "nonfinite_steps": 0}]
-  assert _mean_metrics(history) == {"loss": 2.0, "nonfinite_steps": 1.0}
+  assert mean_metrics(history) == {"loss": 2.0, "nonfinite_steps": 1.0}
 
 
 def nan_at(index, monkeypatch):
@@ -263,7 +263,7 @@ def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_nonfinite_skip_trains_on_with_finite_params(tmp_path, monkeypatch):
   nan_at(6, monkeypatch)
   state = train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=4, log_every=4, nonfinite="skip"),
-                             str(tmp_path))
+                             str(tmp_path)).state
   assert int(state.step) == 8 and all(np.isfinite(x).all() for x in leaves(state))
   assert checkpoint.make_manager(str(tmp_path), create=False).all_steps() == [4, 8]
 
@@ -292,14 +292,16 @@ def test_notebook_api_rejects_bad_inputs_before_sampling(trained):
     pipe.invert(np.zeros((2, 8, 8, 1), np.float32))
   with pytest.raises(ValueError, match=r"images must be uint8 \[N, 8, 8, 1\], got uint8 \(8, 8, 1\)"):
     pipe.invert(np.zeros((8, 8, 1), np.uint8))
-  with pytest.raises(ValueError, match=r"noise must be float \[N, 8, 8, 1\], got float32 \(2, 16, 16, 1\)"):
-    pipe.decode(np.zeros((2, 16, 16, 1), np.float32))
-  with pytest.raises(ValueError, match="noise holds NaN"):
-    pipe.decode(np.full((1, 8, 8, 1), np.nan, np.float32))
+  with pytest.raises(ValueError, match=r"latents must be float \[2, 8, 8, 1\], got float32 \[2, 16, 16, 1\]"):
+    pipe.generate(latents=np.zeros((2, 16, 16, 1), np.float32))
+  with pytest.raises(ValueError, match="latents hold NaN"):
+    pipe.generate(latents=np.full((1, 8, 8, 1), np.nan, np.float32))
   with pytest.raises(ValueError, match=r"seed 4294967296 is outside \[0, 2\*\*32\)"):
-    pipe.generate(2, seed=2**32 - 1)
+    pipe.generate(num=2, seed=2**32 - 1)
   with pytest.raises(ValueError, match=r"eta=-0.5 must be a finite number >= 0"):
-    pipe.generate(2, eta=-0.5)
+    pipe.generate(num=2, eta=-0.5)
+  with pytest.raises(TypeError, match=r"prompt must be a string or a list of strings, got 3; .* pass num=..."):
+    pipe.generate(3)
 
 
 # ---------------------------------------------------------------- fuzz
@@ -347,7 +349,8 @@ def test_fuzzed_train_command_lines_parse_or_fail_with_one_line(capsys):
 
 SAMPLE_VALUES = {"sampler": ["ddim", "heun", "unipc", "ddmi", "", "DDIM"],
                  "steps": [1, 4, 0, -3, 1000, 1001], "num": [1, 3, 0, -2], "seed": [0, 5, -1, 2**32 - 1, 2**40],
-                 "guidance": [1.0, 3.0, 0.0, -1.0, float("nan"), float("inf")], "label": [None, 0, 9, 10, -1],
+                 "guidance_scale": [1.0, 3.0, 0.0, -1.0, float("nan"), float("inf")],
+                 "label": [None, 0, 9, 10, -1],
                  "eta": [None, 0.0, 1.0, -0.1, float("nan")], "spacing": [None, "trailing", "karras", "cosine"],
                  "guidance_rescale": [0.0, 0.7, 1.5, -0.2], "negative_label": [None, 3, 10, -5],
                  "batch_size": [1, 2, 256, 0, -1]}
@@ -358,9 +361,10 @@ def test_fuzzed_notebook_sampling_options_run_or_raise_one_line_value_errors(tra
   stand-in that checks it only ever receives validated options."""
   pipe = jdiff.load(str(trained[0]))
 
-  def checked_sampler(model, params, schedule, noise, keys, *, labels, sampler, num_steps, spacing, eta,
-                      guidance_scale, guidance_rescale, negative_labels, prediction):
-    assert 1 <= num_steps <= 1000 and np.isfinite(guidance_scale) and guidance_scale >= 0 and eta >= 0
+  def checked_sampler(model, params, schedule, noise, keys, *, labels, sampler, steps, spacing, eta,
+                      guidance_scale, guidance_rescale, negative_labels, prediction, clip_x0):
+    assert 1 <= steps <= 1000 and np.isfinite(guidance_scale) and guidance_scale >= 0 and eta >= 0
+    assert clip_x0 is True  # a pixel model
     assert labels is None or ((0 <= labels) & (labels < 10)).all()
     return jnp.zeros(noise.shape)
 
@@ -371,7 +375,7 @@ def test_fuzzed_notebook_sampling_options_run_or_raise_one_line_value_errors(tra
     options = {name: rng.choice(values) for name, values in SAMPLE_VALUES.items() if rng.random() < 0.4}
     num = options.pop("num", 2)
     try:
-      samples = pipe.generate(num, **options)
+      samples = pipe.generate(num=num, **options)
       assert samples.images.shape == (num, 8, 8, 1)
       outcomes["ok"] += 1
     except ValueError as e:
@@ -384,7 +388,7 @@ def test_fuzzed_notebook_sampling_options_run_or_raise_one_line_value_errors(tra
 @pytest.mark.parametrize("name, args", [
     ("train.py", ["--config.data.split=validation"]),
     ("sample.py", ["--steps=abc"]),
-    ("sample.py", ["--guidance=nan"]),
+    ("sample.py", ["--guidance_scale=nan"]),
 ])
 def test_bad_values_fail_in_a_real_process_with_one_line_and_write_nothing(trained, tmp_path, name, args):
   if name == "train.py":

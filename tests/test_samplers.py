@@ -13,7 +13,7 @@ from jdiff import diffusion, samplers, schedules
 from tests import exact_denoisers as ed
 
 SCHEDULE = schedules.make_schedule("linear", 1000)
-PARAMS = diffusion.PARAMETERISATIONS
+PARAMS = diffusion.PREDICTIONS
 
 # Data: a Gaussian in D = 3 (eigenvalues 0.34, 0.48, 1.40, nonzero mean) times a point mass in 3 more dimensions;
 # the product's exact denoiser acts on each block separately, so one run tests both.
@@ -49,8 +49,8 @@ def test_unknown_names_and_bad_steps_raise():
     samplers.sample(GAUSSIAN["eps"], SCHEDULE, noise, sampler="plms")
   assert all(name in str(err.value) for name in samplers.SAMPLERS)
   for steps in (0, 1001):
-    with pytest.raises(ValueError, match="num_steps"):
-      samplers.sample(GAUSSIAN["eps"], SCHEDULE, noise, num_steps=steps)
+    with pytest.raises(ValueError, match="steps must be in"):
+      samplers.sample(GAUSSIAN["eps"], SCHEDULE, noise, steps=steps)
   with pytest.raises(ValueError, match="spacing"):
     samplers.sample(GAUSSIAN["eps"], SCHEDULE, noise, spacing="quadratic")
   with pytest.raises(ValueError, match="rng"):
@@ -58,14 +58,14 @@ def test_unknown_names_and_bad_steps_raise():
 
 
 def test_timestep_spacings_match_diffusers():
-  steps = functools.partial(samplers.timesteps, num_timesteps=1000, num_steps=10)
+  steps = functools.partial(samplers.timesteps, num_timesteps=1000, steps=10)
   np.testing.assert_array_equal(steps(spacing="leading"), np.arange(900, -1, -100))
   np.testing.assert_array_equal(steps(spacing="trailing"), np.arange(999, 0, -100))
   np.testing.assert_array_equal(steps(spacing="linspace"), np.round(np.linspace(999, 0, 10)))
   for spacing in ("leading", "trailing", "linspace"):
-    np.testing.assert_array_equal(samplers.timesteps(num_timesteps=50, num_steps=50, spacing=spacing),
+    np.testing.assert_array_equal(samplers.timesteps(num_timesteps=50, steps=50, spacing=spacing),
                                   np.arange(49, -1, -1))
-  sigmas, ts = samplers.noise_levels(SCHEDULE, num_steps=12, spacing="karras")
+  sigmas, ts = samplers.noise_levels(SCHEDULE, steps=12, spacing="karras")
   np.testing.assert_allclose([sigmas[0], sigmas[-1]], [SCHEDULE.sigmas[-1], SCHEDULE.sigmas[0]], rtol=1e-5)
   np.testing.assert_allclose([ts[0], ts[-1]], [999, 0], atol=1e-2)
   assert np.all(np.diff(np.asarray(sigmas)) < 0)
@@ -78,7 +78,7 @@ def test_ddpm_is_the_respaced_posterior():
   model = ed.as_model_fn(_gaussian, sched, "eps")
   noise = jax.random.normal(jax.random.key(0), (4, 3))
   keys = jax.random.split(jax.random.key(1), 4)
-  ts = samplers.timesteps(num_timesteps=10, num_steps=4, spacing="trailing")
+  ts = samplers.timesteps(num_timesteps=10, steps=4, spacing="trailing")
   abar = np.asarray(sched.alphas_cumprod, np.float64)[ts[::-1]]
   respaced = schedules.from_betas(1.0 - abar / np.append(1.0, abar[:-1]))  # index k is timestep ts[::-1][k]
 
@@ -86,23 +86,23 @@ def test_ddpm_is_the_respaced_posterior():
   def reference(x):
     for i, t in enumerate(ts):
       pred = model(x, jnp.full((4,), t, jnp.float32), None)
-      x0, _ = diffusion.to_x0_eps(pred, x_t=x, alpha_bar=sched.alphas_cumprod[t], parameterisation="eps")
+      x0, _ = diffusion.to_x0_eps(pred, x_t=x, alpha_bar=sched.alphas_cumprod[t], prediction="eps")
       if i == len(ts) - 1:
         return x0
       mean, var, _ = diffusion.q_posterior(respaced, x0, x, jnp.full((4,), len(ts) - 1 - i))
       x = mean + jnp.sqrt(var) * jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, i), (3,)))(keys)
 
-  out = samplers.sample(model, sched, noise, sampler="ddpm", num_steps=4, rng=keys, clip_x0=False)
+  out = samplers.sample(model, sched, noise, sampler="ddpm", steps=4, rng=keys, clip_x0=False)
   np.testing.assert_allclose(out, reference(noise), atol=2e-5)
 
 
-# Every sampler: parameterisations agree, statistics match, point masses are exact.
+# Every sampler: predictions agree, statistics match, point masses are exact.
 
 @functools.cache
 def run_sampler(sampler):
-  """N samples of the Gaussian-times-point-mass data in each parameterisation, 200 steps."""
-  run = jax.jit(lambda noise, key: {p: samplers.sample(PRODUCT[p], SCHEDULE, noise, sampler=sampler, num_steps=200,
-                                                       parameterisation=p, rng=key, clip_x0=False) for p in PARAMS})
+  """N samples of the Gaussian-times-point-mass data in each prediction, 200 steps."""
+  run = jax.jit(lambda noise, key: {p: samplers.sample(PRODUCT[p], SCHEDULE, noise, sampler=sampler, steps=200,
+                                                       prediction=p, rng=key, clip_x0=False) for p in PARAMS})
   return jax.device_get(run(jax.random.normal(jax.random.key(0), (N, 6)), jax.random.key(2)))
 
 
@@ -123,7 +123,7 @@ def test_sampler_on_exact_denoisers(sampler):
 def test_ddim_is_euler_and_dpmpp_2m_sde_at_eta_0_is_dpmpp_2m():
   np.testing.assert_array_equal(run_sampler("ddim")["eps"], run_sampler("euler")["eps"])
   noise = jax.random.normal(jax.random.key(3), (16, 3))
-  kw = dict(num_steps=15, clip_x0=False)
+  kw = dict(steps=15, clip_x0=False)
   sde = samplers.sample(GAUSSIAN["eps"], SCHEDULE, noise, sampler="dpmpp_2m_sde", eta=0.0, **kw)
   np.testing.assert_allclose(sde, samplers.sample(GAUSSIAN["eps"], SCHEDULE, noise, sampler="dpmpp_2m", **kw),
                              atol=1e-5)
@@ -138,7 +138,7 @@ MIXTURE_MODEL = ed.as_model_fn(lambda x, sigma, c: ed.mixture_x0(x, sigma, **MIX
 def test_mixture_weights(sampler):
   n = 4096
   noise = jax.random.normal(jax.random.key(4), (n, 2))
-  x = samplers.sample(MIXTURE_MODEL, SCHEDULE, noise, sampler=sampler, num_steps=100, parameterisation="v",
+  x = samplers.sample(MIXTURE_MODEL, SCHEDULE, noise, sampler=sampler, steps=100, prediction="v",
                       rng=jax.random.key(5), clip_x0=False)
   nearest = np.argmin(np.sum((np.asarray(x)[:, None] - np.asarray(MIXTURE["means"])) ** 2, -1), -1)
   freq = np.bincount(nearest, minlength=3) / n
@@ -165,11 +165,11 @@ ORDERS = {  # sampler, spacing: bounds on the error ratio per doubling of the st
 @pytest.mark.parametrize("sampler,spacing", list(ORDERS))
 def test_convergence_order(sampler, spacing):
   noise = jax.random.normal(jax.random.key(6), (64, 3))
-  outs = jax.jit(lambda z: [samplers.sample(CONVERGENCE_MODEL, CONVERGENCE_SCHEDULE, z, sampler=sampler, num_steps=n,
+  outs = jax.jit(lambda z: [samplers.sample(CONVERGENCE_MODEL, CONVERGENCE_SCHEDULE, z, sampler=sampler, steps=n,
                                             spacing=spacing, clip_x0=False) for n in STEPS])(noise)
   errors = []
   for n, out in zip(STEPS, outs):
-    sigmas, _ = samplers.noise_levels(CONVERGENCE_SCHEDULE, num_steps=n, spacing=spacing)
+    sigmas, _ = samplers.noise_levels(CONVERGENCE_SCHEDULE, steps=n, spacing=spacing)
     s_max, s_min = float(sigmas[0]), float(sigmas[-1])
     x = ed.gaussian_ode_solution(np.asarray(noise, np.float64) * np.sqrt(1 + s_max**2), sigma_from=s_max,
                                  sigma_to=s_min, mean=MEAN, cov=COV)
@@ -183,7 +183,7 @@ def test_convergence_order(sampler, spacing):
 
 def test_lower_order_final_changes_the_result():
   noise = jax.random.normal(jax.random.key(7), (16, 3))
-  kw = dict(sampler="dpmpp_2m", num_steps=6, spacing="karras", clip_x0=False)
+  kw = dict(sampler="dpmpp_2m", steps=6, spacing="karras", clip_x0=False)
   plain = samplers.sample(GAUSSIAN["eps"], SCHEDULE, noise, **kw)
   lower = samplers.sample(GAUSSIAN["eps"], SCHEDULE, noise, lower_order_final=True, **kw)
   assert np.all(np.isfinite(lower)) and rms(plain, lower) > 0
@@ -202,7 +202,7 @@ TRACES = []
 def guided_samples(noise, labels, uncond, scale):
   TRACES.append(1)
   model = samplers.guided_model_fn(CLASS_MODEL, guidance_scale=scale, uncond=uncond)
-  return samplers.sample(model, SCHEDULE, noise, labels, sampler="dpmpp_2m", num_steps=25, clip_x0=False)
+  return samplers.sample(model, SCHEDULE, noise, labels, sampler="dpmpp_2m", steps=25, clip_x0=False)
 
 
 def test_guidance_moves_mass_toward_the_class_without_recompiling():
@@ -243,7 +243,7 @@ def test_guided_model_fn_batches_halves_and_rescales():
 
 def test_seeds_are_deterministic_and_independent_of_the_batch():
   seeds = jnp.array([3, 4, 5])
-  kw = dict(sampler="ddpm", num_steps=20, clip_x0=False)
+  kw = dict(sampler="ddpm", steps=20, clip_x0=False)
   noise = samplers.noise_from_seeds(seeds, (3,))
   np.testing.assert_array_equal(noise[1:2], samplers.noise_from_seeds(seeds[1:2], (3,)))
   batch = samplers.sample(GAUSSIAN["eps"], SCHEDULE, noise, rng=samplers.keys_from_seeds(seeds), **kw)
@@ -266,7 +266,7 @@ def test_interpolation_is_smooth_and_hits_the_endpoints():
   model = ed.as_model_fn(lambda x, sigma, c: ed.gaussian_x0(x, sigma, mean=c, cov=COV), SCHEDULE, "eps")
   za, zb = jax.random.normal(jax.random.key(10), (2, 3))
   ca, cb = jnp.array([-1.0, 0.0, 1.0]), jnp.array([1.0, 1.0, -1.0])
-  kw = dict(sampler="ddim", num_steps=20, clip_x0=False)
+  kw = dict(sampler="ddim", steps=20, clip_x0=False)
   frames = samplers.interpolate(model, SCHEDULE, za, zb, ca, cb, num_frames=9, **kw)
   assert frames.shape == (9, 3)
   np.testing.assert_allclose(frames[0], samplers.sample(model, SCHEDULE, za[None], ca[None], **kw)[0], atol=1e-5)
@@ -277,13 +277,13 @@ def test_interpolation_is_smooth_and_hits_the_endpoints():
 
 def test_ddim_inversion_reconstructs():
   x0 = jnp.asarray(MEAN + _rng.normal(size=(256, 3)) @ np.linalg.cholesky(COV).T, jnp.float32)
-  kw = dict(parameterisation="v", clip_x0=False)
+  kw = dict(prediction="v", clip_x0=False)
 
   @jax.jit
   def errors(x0):
     def err(n, refine=0):
-      noise = samplers.ddim_invert(GAUSSIAN["v"], SCHEDULE, x0, num_steps=n, refine=refine, **kw)
-      decoded = samplers.sample(GAUSSIAN["v"], SCHEDULE, noise, sampler="ddim", num_steps=n, **kw)
+      noise = samplers.ddim_invert(GAUSSIAN["v"], SCHEDULE, x0, steps=n, refine=refine, **kw)
+      decoded = samplers.sample(GAUSSIAN["v"], SCHEDULE, noise, sampler="ddim", steps=n, **kw)
       return jnp.sqrt(jnp.mean((decoded - x0) ** 2))
     return [err(10), err(50), err(200), err(50, refine=3)]
 
@@ -296,15 +296,15 @@ def test_sample_under_user_jit_with_traced_eta_bf16_model_and_image_shapes():
   model = ed.as_model_fn(lambda x, sigma, c: ed.gaussian_x0(x, sigma, mean=0.0, cov=np.eye(4)), SCHEDULE, "eps")
   bf16_model = lambda x, t, c: model(x, t, c).astype(jnp.bfloat16)
   noise = jax.random.normal(jax.random.key(11), (2, 2, 2, 1))
-  run = jax.jit(lambda z, eta, key: samplers.sample(bf16_model, SCHEDULE, z, sampler="ddim", num_steps=10, eta=eta,
+  run = jax.jit(lambda z, eta, key: samplers.sample(bf16_model, SCHEDULE, z, sampler="ddim", steps=10, eta=eta,
                                                     rng=key, clip_x0=False))
   deterministic = run(noise, 0.0, jax.random.key(0))
   stochastic = run(noise, 1.0, jax.random.key(0))
   assert run._cache_size() == 1 and deterministic.dtype == jnp.float32 and deterministic.shape == noise.shape
-  reference = samplers.sample(model, SCHEDULE, noise, sampler="ddim", num_steps=10, clip_x0=False)
+  reference = samplers.sample(model, SCHEDULE, noise, sampler="ddim", steps=10, clip_x0=False)
   np.testing.assert_allclose(deterministic, reference, atol=3e-2)
   assert rms(stochastic, deterministic) > 0.1
-  clipped = samplers.sample(model, SCHEDULE, 3.0 * noise, sampler="ddim", num_steps=10)
+  clipped = samplers.sample(model, SCHEDULE, 3.0 * noise, sampler="ddim", steps=10)
   assert float(jnp.max(jnp.abs(clipped))) <= 1.0
 
 
@@ -314,6 +314,6 @@ def test_ancestral_first_step_from_pure_noise_stays_finite():
   noise = samplers.noise_from_seeds(jnp.arange(4), (4, 4, 1))
   zeros = lambda x, t, c: jnp.zeros_like(x)
   for sampler in ("ddpm", "euler_ancestral", "dpmpp_2m_sde"):
-    out = samplers.sample(zeros, sched, noise, sampler=sampler, num_steps=5, parameterisation="eps",
+    out = samplers.sample(zeros, sched, noise, sampler=sampler, steps=5, prediction="eps",
                           rng=samplers.keys_from_seeds(jnp.arange(4)), spacing="trailing")
     assert bool(jnp.all(jnp.isfinite(out))), sampler

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jdiff import generate
+from jdiff import generate, sharding
+from jdiff.build import make_model
+from jdiff.cli import runtime
 from jdiff.config import ConfigError, ParallelConfig, parse_config
 from jdiff.schedules import make_schedule
-from jdiff.train import distributed, sharding
-from jdiff.train.loop import train_and_evaluate
-from jdiff.train.state import abstract_train_state, create_train_state, make_model
-from jdiff.train.step import loss_and_grads, train_step
+from jdiff.train import distributed, train_and_evaluate
+from jdiff.train.step import abstract_train_state, create_train_state, loss_and_grads, train_step
 from tests.test_train import fixed_batch, tiny_config
 
 STEPS = 3
@@ -56,6 +56,7 @@ def run_steps(config, devices, fsdp=1):
 
 @pytest.fixture(scope="module")
 def one_device():
+  """STEPS on one device: the reference of the mesh layouts."""
   state, metrics, _ = run_steps(parsed(), jax.devices()[:1])
   return jax.device_get(state), jax.device_get(metrics)
 
@@ -72,6 +73,7 @@ def test_fsdp_spec_splits_the_largest_divisible_dimension():
 
 # data=8 x fsdp=1 is test_train.py::test_sharded_training_on_8_devices_matches_one_device.
 @pytest.mark.parametrize("data, fsdp, accum", [(4, 2, 2), (1, 8, 1)])
+@pytest.mark.multidevice
 def test_mesh_layouts_match_one_device(one_device, data, fsdp, accum):
   config = parsed(training=dict(grad_accum_steps=accum))
   state, metrics, state_sharding = run_steps(config, jax.devices(), fsdp=fsdp)
@@ -91,6 +93,7 @@ def test_mesh_layouts_match_one_device(one_device, data, fsdp, accum):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.multidevice
 def test_fsdp_divides_the_state_memory_per_device():
   abstract = abstract_train_state(parse_config(tiny_config()))
   full = sharding.per_device_bytes(abstract, sharding.state_sharding(abstract, sharding.make_mesh(fsdp=1)))
@@ -168,6 +171,7 @@ def test_bf16_training_keeps_fp32_params_and_loss(start_state, plain_grads):
                                                           r"the mesh x 4 gradient-accumulation steps: use a "
                                                           r"multiple of 32"),
 ])
+@pytest.mark.multidevice
 def test_mesh_errors_name_the_field_and_write_nothing(tmp_path, section, values, message):
   raw = tiny_config()
   raw[section].update(values)
@@ -183,7 +187,6 @@ def test_mesh_errors_name_the_field_and_write_nothing(tmp_path, section, values,
     ("parallel", dict(distributed="yes"), r"distributed='yes' .* one of auto, on, off"),
     ("parallel", dict(coordinator_address="localhost"), r"coordinator_address='localhost' .* 'host:port'"),
     ("parallel", dict(num_processes=2, process_id=2), r"process_id=2 .* \[0, num_processes=2\)"),
-    ("parallel", dict(cpu_devices=-1), r"cpu_devices=-1 .* an integer >= 0"),
 ])
 def test_parallel_config_errors_name_the_field(section, values, message):
   raw = tiny_config()
@@ -206,32 +209,52 @@ def test_distributed_starts_only_when_asked(monkeypatch):
 
 
 def test_cpu_device_count_divides_the_micro_batch():
-  assert distributed.cpu_device_count(cores=2, micro_batch=32) == 2
-  assert distributed.cpu_device_count(cores=8, micro_batch=12) == 6
-  assert distributed.cpu_device_count(cores=3, micro_batch=32) == 2
-  assert distributed.cpu_device_count(cores=4, micro_batch=7) == 1
-  assert distributed.cpu_device_count(cores=8, micro_batch=24, fsdp=4) == 8
-  assert distributed.cpu_device_count(cores=6, micro_batch=24, fsdp=4) == 4
+  assert runtime.cpu_device_count(cores=2, micro_batch=32) == 2
+  assert runtime.cpu_device_count(cores=8, micro_batch=12) == 6
+  assert runtime.cpu_device_count(cores=3, micro_batch=32) == 2
+  assert runtime.cpu_device_count(cores=4, micro_batch=7) == 1
+  assert runtime.cpu_device_count(cores=8, micro_batch=24, fsdp=4) == 8
+  assert runtime.cpu_device_count(cores=6, micro_batch=24, fsdp=4) == 4
 
 
-SPLIT_HOST = ("from jdiff.config import ParallelConfig; from jdiff.train import distributed; import jax, sys; "
-              "n = distributed.split_host_cpu(ParallelConfig(cpu_devices=int(sys.argv[1])), 12); "
-              "jax.numpy.zeros(1); print(n, jax.device_count(), distributed.split_host_cpu(ParallelConfig(), 12))")
+@pytest.mark.parametrize("platforms, plugins, expected", [
+    ("cpu", ["cuda"], False), ("cuda", [], True), ("", [], False), ("", ["cuda"], True)])
+def test_cpu_tuning_happens_only_where_no_accelerator_is_expected(monkeypatch, platforms, plugins, expected):
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  monkeypatch.setattr(runtime.importlib.metadata, "entry_points", lambda group: plugins)
+  monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+  assert runtime.accelerator_expected() is expected
+  from jax._src import xla_bridge
+  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)  # as in a CLI before JAX starts
+  monkeypatch.setenv("XLA_FLAGS", "")
+  count = runtime.tune_cpu_process(cpu_devices=3, micro_batch=12, keep_host_memory=False)
+  assert (count, os.environ["XLA_FLAGS"]) == ((1, "") if expected else (3, f"{runtime.HOST_DEVICE_COUNT_FLAG}=3"))
 
 
+def test_library_training_leaves_the_xla_flags_alone(tmp_path, monkeypatch):
+  """train_and_evaluate is a library call: the CPU split is the CLI's (runtime.tune_cpu_process), never its own."""
+  before = os.environ.get("XLA_FLAGS")
+  train_and_evaluate(tiny_config(num_steps=1, sample_every=0, checkpoint_every=1), str(tmp_path))
+  assert os.environ.get("XLA_FLAGS") == before
+
+
+SPLIT_HOST = ("from jdiff.cli import runtime; import jax, sys; "
+              "n = runtime.tune_cpu_process(cpu_devices=int(sys.argv[1]), micro_batch=12, keep_host_memory=False); "
+              "print(n, jax.device_count())")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("cpu_devices", [0, 3])
-def test_split_host_cpu_sets_the_device_count_before_jax_starts(cpu_devices):
-  """A fresh process (JAX not started, no XLA_FLAGS) gets the asked count, or one per core dividing the batch;
-  once JAX has started, or in a multi-process job, the devices are left as they are."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, "-c", SPLIT_HOST, str(cpu_devices)], env=env, capture_output=True,
-                       text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
-  expected = cpu_devices or distributed.cpu_device_count(len(os.sched_getaffinity(0)), 12)
-  assert out == [str(expected), str(expected), "None"]
-  assert distributed.split_host_cpu(ParallelConfig(), 12) is None  # this process: XLA_FLAGS already set
-  assert distributed.split_host_cpu(ParallelConfig(distributed="on", cpu_devices=2), 12) is None
+def test_cpu_split_sets_the_device_count_before_jax_starts(cpu_devices):
+  """A fresh CLI process (no XLA_FLAGS) gets the asked count, or one per core dividing the batch."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  out = subprocess.run([sys.executable, "-c", SPLIT_HOST, str(cpu_devices)], env=dict(env, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, check=True).stdout.split()
+  expected = cpu_devices or runtime.cpu_device_count(runtime.available_cores(), 12)
+  assert out == [str(expected), str(expected)]
 
 
+@pytest.mark.multidevice
 def test_sampling_splits_the_batch_over_the_params_devices(start_state):
   """Params replicated on the 8 devices (as jdiff.load puts them): a batch of 8 runs one image per device, with
   the images of a one-device run; a batch of 6, which does not divide, stays whole."""
@@ -239,14 +262,14 @@ def test_sampling_splits_the_batch_over_the_params_devices(start_state):
   model, schedule = make_model(config), make_schedule("cosine", 1000)
   mesh = sharding.make_mesh()
   replicated = jax.device_put(start_state.params, sharding.replicated(mesh))
-  noise, keys = generate.seeded_noise(model, np.arange(8))
+  noise, keys = generate.seeded_noise((8, 8, 1), np.arange(8))
   spread, _ = generate.spread_batch(replicated, noise, keys)
-  assert spread.sharding.mesh == mesh and spread.sharding.spec == P(("data", "fsdp"))
+  assert spread.sharding.spec == P("batch")
   assert len(spread.sharding.device_set) == 8
   six = noise[:6]
   assert generate.spread_batch(replicated, six)[0] is six
   assert generate.spread_batch(start_state.params, noise)[0] is noise  # params on one device
-  sample = lambda params: generate.sample_unet(model, params, schedule, noise, keys, sampler="ddim", num_steps=3,
+  sample = lambda params: generate.sample_unet(model, params, schedule, noise, keys, sampler="ddim", steps=3,
                                                prediction=config.diffusion.prediction)
   split, whole = sample(replicated), sample(jax.device_put(start_state.params, jax.devices()[0]))
   assert len(split.sharding.device_set) == 8

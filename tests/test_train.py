@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from configs import tiny
+from jdiff import checkpoint, sharding
 from jdiff.config import ConfigError, parse_config
+from jdiff.configs import tiny
 from jdiff.schedules import make_schedule
-from jdiff.train import checkpoint, sharding
-from jdiff.train.loop import train_and_evaluate
-from jdiff.train.state import create_train_state, ema_decay_at
-from jdiff.train.step import diffusion_training_loss, drop_labels, train_step
+from jdiff.train import train_and_evaluate
+from jdiff.train.state import ema_decay_at
+from jdiff.train.step import create_train_state, diffusion_training_loss, drop_labels, train_step
 
 
 def tiny_config(**training) -> ConfigDict:
@@ -72,6 +72,7 @@ def test_label_dropout_uses_the_null_class_at_the_given_rate():
   assert abs(float(jnp.mean(dropped == 10)) - 0.1) < 5 * np.sqrt(0.09 / 100_000)
 
 
+@pytest.mark.multidevice
 def test_sharded_training_on_8_devices_matches_one_device(setup):
   config, schedule, state0 = setup
   assert jax.device_count() == 8
@@ -94,9 +95,9 @@ def test_sharded_training_on_8_devices_matches_one_device(setup):
 
 
 def test_resuming_from_a_checkpoint_gives_identical_params(tmp_path):
-  straight = train_and_evaluate(tiny_config(num_steps=6, checkpoint_every=3), str(tmp_path / "a"))
+  straight = train_and_evaluate(tiny_config(num_steps=6, checkpoint_every=3), str(tmp_path / "a")).state
   train_and_evaluate(tiny_config(num_steps=3, checkpoint_every=3), str(tmp_path / "b"))
-  resumed = train_and_evaluate(tiny_config(num_steps=6, checkpoint_every=3), str(tmp_path / "b"))
+  resumed = train_and_evaluate(tiny_config(num_steps=6, checkpoint_every=3), str(tmp_path / "b")).state
   assert int(resumed.step) == 6
   for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
     np.testing.assert_array_equal(a, b)
@@ -113,6 +114,7 @@ def test_resuming_with_another_model_names_the_mismatching_fields(tmp_path):
     train_and_evaluate(other, str(tmp_path))
 
 
+@pytest.mark.multidevice
 def test_batch_not_divisible_by_devices_is_rejected(tmp_path):
   with pytest.raises(ConfigError, match="batch_size=12 is not divisible by the 8 devices"):
     train_and_evaluate(tiny_config(batch_size=12), str(tmp_path))
@@ -126,7 +128,7 @@ def test_batch_not_divisible_by_devices_is_rejected(tmp_path):
     ("diffusion", "prediction", "score", r"prediction='score' .* eps, x0, v"),
     ("data", "image_size", 16, r"config.model.image_size \(8\) must equal config.data.image_size \(16\)"),
     ("model", "attention_resolutions", (3,), r"attention_resolutions=\(3,\) .* occur in this U-Net: \(8, 4\)"),
-    ("sampling", "num_steps", 5000, r"num_steps \(5000\) exceeds"),
+    ("sampling", "steps", 5000, r"config.sampling.steps \(5000\) exceeds"),
 ])
 def test_config_errors_name_the_field(section, key, value, message):
   raw = tiny_config()

@@ -11,15 +11,14 @@ import pytest
 from ml_collections import ConfigDict
 
 import jdiff
-from configs import tiny, vae_digits, vae_sd15
 from jdiff import data
 from jdiff import generate as gen
-from jdiff.config import ConfigError, parse_config, parse_vae_config
-from jdiff.data import DataConfig
+from jdiff.config import ConfigError, DataConfig, parse_config, parse_vae_config
+from jdiff.configs import tiny, vae_digits, vae_sd15
+from jdiff.images import model_range_to_uint8, uint8_to_model_range
 from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, init_vae_params, vae_param_count
-from jdiff.train import latent
-from jdiff.train.loop import train_and_evaluate
-from jdiff.train.vae import PSNR_FILE, create_vae_state, psnr, train_vae, vae_loss, vae_train_step
+from jdiff.train import latent, train_and_evaluate
+from jdiff.train.vae import PSNR_FILE, create_vae_state, psnr, vae_loss, vae_train_step
 
 TINY_VAE = dict(image_size=16, in_channels=1, latent_channels=2, block_out_channels=(8, 16), layers_per_block=1,
                 norm_groups=4, mid_attention=True, dtype="float32")
@@ -40,7 +39,7 @@ def tiny_latent_config(data_dir, vae_workdir) -> ConfigDict:
   raw.data.update(image_size=16, data_dir=str(data_dir))
   raw.model.update(image_size=8, in_channels=2)
   raw.training.update(num_steps=4, checkpoint_every=4, log_every=2)
-  raw.sampling.update(num_steps=3, num_samples=10)
+  raw.sampling.update(steps=3, num_samples=10)
   raw.latent = dict(vae_workdir=str(vae_workdir), vae_checkpoint=None, encode="sample", scaling_factor=0.0,
                     scale_batches=3)
   return raw
@@ -125,7 +124,7 @@ def latent_run(tmp_path_factory):
   """A tiny VAE trained 8 steps on 16x16 digits, then a tiny latent U-Net trained 4 steps on its 8x8x2 latents."""
   root = tmp_path_factory.mktemp("latent")
   data_dir = os.environ.get("TFDS_DATA_DIR", root / "tfds")
-  train_vae(tiny_vae_config(data_dir), str(root / "vae"))
+  train_and_evaluate(tiny_vae_config(data_dir), str(root / "vae"))
   train_and_evaluate(tiny_latent_config(data_dir, root / "vae"), str(root / "ldm"))
   return root, data_dir
 
@@ -148,9 +147,11 @@ def test_latent_diffusion_samples_decode_to_images_with_every_kind_of_sampler(la
   assert pipe.image_shape == (16, 16, 1) and pipe.codec.scaling_factor == lc.scaling_factor
   assert os.path.exists(root / "ldm" / "samples" / "step_0000004.png")
   for sampler in ("ddim", "dpmpp_2m_sde"):  # deterministic; stochastic, multistep
-    samples = pipe.generate(4, seed=0, sampler=sampler, steps=2)
+    samples = pipe.generate(num=4, seed=0, sampler=sampler, steps=2)
     assert samples.images.shape == (4, 16, 16, 1) and samples.images.dtype == np.uint8
-    assert samples.images.std() > 0
+    assert samples.latents.shape == (4, 8, 8, 2)
+    # The images are the VAE's decoding of the sampled latents.
+    np.testing.assert_array_equal(samples.images, model_range_to_uint8(pipe.codec.decode(samples.latents)))
 
 
 def test_stored_scaling_factor_gives_held_out_latents_unit_std(latent_run):
@@ -158,8 +159,8 @@ def test_stored_scaling_factor_gives_held_out_latents_unit_std(latent_run):
   pipe = jdiff.load(str(root / "ldm"))
   codec = pipe.codec  # encodes a posterior sample when given a key, as training does
   assert abs(codec.scaling_factor - 1.0) > 0.1  # the VAE's latents are not unit scale by themselves
-  test_digits = data.uint8_to_model_range(data.load_split(DataConfig(image_size=16, split="test",
-                                                                     data_dir=str(data_dir)))[0][:96])
+  test_digits = uint8_to_model_range(data.load_split(DataConfig(image_size=16, split="test",
+                                                                data_dir=str(data_dir)))[0][:96])
   held_out = [codec.encode(test_digits[i:i + 32], jax.random.key(i)) for i in range(0, 96, 32)]
   assert latent.latent_std(held_out) == pytest.approx(1.0, abs=0.1)
   # Decoding undoes the scaling: the same images as the unscaled latents decoded with factor 1.
@@ -175,7 +176,8 @@ def test_latent_config_errors_name_the_field(latent_run, tmp_path):
   with pytest.raises(ConfigError, match=r"config.model.image_size=16 must be the latent size 8"):
     train_and_evaluate(raw, str(tmp_path / "bad"))
   raw = tiny_latent_config(data_dir, tmp_path / "missing")
-  with pytest.raises(ConfigError, match=r"config.latent.vae_workdir=.*missing.*no VAE checkpoints"):
+  with pytest.raises(ConfigError, match=r"config.latent.vae_workdir=.*missing.*no trained VAE in .*missing; train "
+                                       r"it first with `python train.py --config configs/vae_digits.py"):
     train_and_evaluate(raw, str(tmp_path / "bad"))
   assert not os.path.exists(tmp_path / "bad")
   raw = tiny_latent_config(data_dir, tmp_path / "other_vae")
@@ -193,15 +195,28 @@ def test_latent_models_sample_unclipped_latents_and_pixel_models_clip(latent_run
   overridden = tiny.get_config()
   overridden.sampling.clip_x0 = False
   assert parse_config(overridden).clip_x0 is False
-  noise, keys = gen.seeded_noise(pipe.model, np.arange(8))
+  noise, keys = gen.seeded_noise(pipe.noise_shape, np.arange(8))
   sample = lambda clip: np.asarray(gen.sample_unet(pipe.model, pipe.params, pipe.schedule, noise, keys,
-                                                   prediction="v", num_steps=3, clip_x0=clip))
+                                                   prediction="v", steps=3, clip_x0=clip))
   # A barely trained latent U-Net predicts latents of about unit scale: a third of them lie outside [-1, 1].
   assert np.mean(np.abs(sample(False)) > 1.0) > 0.1 and np.abs(sample(True)).max() <= 1.0
   used = []
   real = gen.sample_unet
   monkeypatch.setattr(gen, "sample_unet", lambda *a, **k: used.append(k["clip_x0"]) or real(*a, **k))
-  pipe.generate(2, steps=2)
-  pipe.generate(2, steps=2, clip_x0=True)
-  pipe.decode(np.asarray(noise[:2]), steps=2)
-  assert used == [False, True, False]
+  pipe.generate(num=2, steps=2)
+  pipe.generate(num=2, steps=2, clip_x0=True)
+  pipe.generate(latents=np.asarray(noise[:2]), steps=2)
+  pipe.interpolate(2, steps=2)
+  assert used == [False, True, False, False]
+
+
+def test_a_relative_vae_workdir_lies_beside_the_work_dir_and_is_checked_first(latent_run, tmp_path, monkeypatch):
+  root, data_dir = latent_run
+  config = parse_config(tiny_latent_config(data_dir, "vae"))
+  assert latent.vae_workdir(config, str(root / "another_run")) == str(root / "vae")
+  # A missing VAE is named, with the command that trains it, before the data pipeline opens.
+  monkeypatch.setattr(data, "make_train_iterator", lambda *a, **k: pytest.fail("opened the data"))
+  with pytest.raises(ConfigError, match=r"no trained VAE in .*/nowhere/vae; train it first with `python train.py "
+                                        r"--config configs/vae_digits.py --workdir .*/nowhere/vae`"):
+    train_and_evaluate(tiny_latent_config(data_dir, "vae"), str(tmp_path / "nowhere" / "ldm"))
+  assert not (tmp_path / "nowhere").exists()

@@ -3,15 +3,14 @@
 Importing this package registers the offline TFDS builders `sklearn_digits` and `shapes`. TensorFlow is imported
 (with the GPUs hidden from it) only when data is built or read, so configs and `dataset_info` stay light.
 """
-from jdiff.data.images import model_range_to_uint8, resize_images, uint8_to_model_range
+from jdiff.data import tf_import  # noqa: F401  (first: it sets TensorFlow's environment before TF loads)
+from jdiff.data.images import resize_images
 from jdiff.data.sources import DatasetUnavailableError
 from jdiff.data.digits import SklearnDigits, digits_split
 from jdiff.data.shapes import Shapes, shapes_examples, shapes_split
-from jdiff.data.pipeline import (DataConfig, DatasetInfo, dataset_info, load_split, local_batch_size,
-                                 make_train_iterator)
+from jdiff.data.pipeline import DatasetInfo, dataset_info, load_split, local_batch_size, make_train_iterator
 
 __all__ = [
-    "DataConfig",
     "DatasetInfo",
     "DatasetUnavailableError",
     "Shapes",
@@ -21,9 +20,7 @@ __all__ = [
     "load_split",
     "local_batch_size",
     "make_train_iterator",
-    "model_range_to_uint8",
     "resize_images",
     "shapes_examples",
     "shapes_split",
-    "uint8_to_model_range",
 ]

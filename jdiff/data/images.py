@@ -1,4 +1,5 @@
-"""Image transforms shared by the input pipelines and the evaluation: resize, flip, and the uint8 <-> [-1, 1] maps.
+"""Image transforms of the input pipelines and the evaluation: resize and flip (the uint8 <-> [-1, 1] maps are in
+jdiff.images).
 
 Training images are uint8 throughout the pipeline and become float32 in [-1, 1] only as a batch is handed out, so a
 resized image is rounded back to uint8 exactly as a saved sample would be.
@@ -32,14 +33,3 @@ def random_horizontal_flip(images: np.ndarray, rng: np.random.Generator) -> np.n
   """Mirrors each image of [N,H,W,C] left-right with probability 1/2."""
   flip = rng.random(len(images)) < 0.5
   return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-
-
-def uint8_to_model_range(images: np.ndarray) -> np.ndarray:
-  """uint8 0..255 -> float32 -1..1, the range the diffusion model sees."""
-  return images.astype(np.float32) / 127.5 - 1.0
-
-
-def model_range_to_uint8(images) -> np.ndarray:
-  """float -1..1 (e.g. a sampler's output) -> uint8 0..255, clipping what lies outside."""
-  scaled = (np.asarray(images, dtype=np.float32) + 1.0) * 127.5
-  return np.clip(np.round(scaled), 0, 255).astype(np.uint8)

@@ -23,7 +23,9 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jdiff.data.images import random_horizontal_flip, resize_images, resize_uint8_tf, uint8_to_model_range
+from jdiff.config import DataConfig
+from jdiff.data.images import random_horizontal_flip, resize_images, resize_uint8_tf
+from jdiff.images import uint8_to_model_range
 from jdiff.data.sources import DatasetUnavailableError, get_builder, prepare
 from jdiff.data.tf_import import tensorflow
 
@@ -31,53 +33,6 @@ IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 _SHUFFLE, _FLIP = 0, 1  # Keep the random streams of (seed, process) apart.
 
 Batch = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Which images to train on and how to prepare them.
-
-  name: a TFDS dataset with 'image' (uint8) and 'label' (ClassLabel) features; 'sklearn_digits' works offline.
-  split: a TFDS split, slices included ('train', 'test', 'train[:90%]').
-  image_size: images are resized (bilinear, antialiased) to image_size x image_size; channels stay as they are.
-  random_flip: mirror half the images left-right (leave off for digits, whose mirror images are not digits).
-  data_dir: the TFDS data dir; None uses TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets).
-  shuffle_buffer: the tf.data shuffle buffer of streamed datasets (in-memory ones are fully shuffled each epoch).
-  caption_template: for text-to-image training on a dataset without a 'caption' feature, each caption is this
-    template with "{label}" replaced by the class name (e.g. "a photo of a {label}"; digits' names are "0".."9").
-  """
-  name: str = "sklearn_digits"
-  split: str = "train"
-  image_size: int = 16
-  random_flip: bool = False
-  data_dir: str | None = None
-  shuffle_buffer: int = 10_000
-  caption_template: str = "{label}"
-
-  def __post_init__(self):
-    _check(_is_nonempty_str(self.name), "name", "a TFDS dataset name such as 'sklearn_digits', 'mnist' or 'cifar10'",
-           self.name)
-    _check(_is_nonempty_str(self.split), "split", "a TFDS split such as 'train', 'test' or 'train[:90%]'", self.split)
-    _check(_is_positive_int(self.image_size), "image_size", "a positive int", self.image_size)
-    _check(isinstance(self.random_flip, bool), "random_flip", "True or False", self.random_flip)
-    _check(self.data_dir is None or _is_nonempty_str(self.data_dir), "data_dir", "None or a directory path",
-           self.data_dir)
-    _check(_is_positive_int(self.shuffle_buffer), "shuffle_buffer", "a positive int", self.shuffle_buffer)
-    _check(isinstance(self.caption_template, str) and "{label}" in self.caption_template, "caption_template",
-           "a string containing '{label}'", self.caption_template)
-
-
-def _check(ok: bool, field: str, allowed: str, value) -> None:
-  if not ok:
-    raise ValueError(f"DataConfig.{field} must be {allowed}; got {value!r}")
-
-
-def _is_nonempty_str(value) -> bool:
-  return isinstance(value, str) and bool(value)
-
-
-def _is_positive_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)

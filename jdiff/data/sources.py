@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from jdiff.data import digits, shapes  # noqa: F401  (importing them registers `sklearn_digits` and `shapes`)
 from jdiff.data.tf_import import tensorflow
@@ -46,7 +47,12 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   if builder.is_prepared():
     return
   if builder.name in OFFLINE_DATASETS:
-    builder.download_and_prepare()
+    logging.info("building the offline dataset %s in %s (once)", builder.name, builder.data_dir)
+    tfds.display_progress_bar(False)
+    try:
+      builder.download_and_prepare()
+    finally:
+      tfds.display_progress_bar(True)
     return
   if not internet_reachable():
     raise DatasetUnavailableError(unavailable_message(builder, "the network is unreachable"))

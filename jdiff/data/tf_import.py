@@ -4,6 +4,11 @@ TF only feeds data here; the GPUs belong to JAX. Importing TF costs seconds and 
 no data (a config, `dataset_info`, sampling) never pays for it.
 """
 import functools
+import os
+
+# TF only decodes, resizes and batches here; without its oneDNN rewrites those ops give the same numbers on every
+# CPU (TF documents that the rewrites change round-off), and TF prints no notice about them.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 @functools.cache

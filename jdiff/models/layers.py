@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdiff.models import onednn
 
 default_init = nn.initializers.xavier_uniform()
 zero_init = nn.initializers.zeros
@@ -59,25 +58,10 @@ def group_norm(x: jax.Array, groups: int, name: str | None = None) -> jax.Array:
   return GroupNorm(num_groups=groups, name=name)(x)
 
 
-class Conv3x3(nn.Module):
-  """nn.Conv(features, (3, 3), padding 1)'s parameters (kernel [3, 3, in, out], bias) and maths; on the CPU in fp32
-  it runs oneDNN's kernels where they are available (models/onednn.py), faster than XLA:CPU's."""
-  features: int
-  dtype: jnp.dtype = jnp.float32
-  strides: int = 1
-  zero: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", zero_init if self.zero else default_init, (3, 3, x.shape[-1], self.features),
-                        jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    y = onednn.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, (1, 1))
-    return y + bias.astype(self.dtype)
-
-
-def conv3x3(features: int, dtype, name: str | None = None, zero: bool = False, strides: int = 1) -> Conv3x3:
-  return Conv3x3(features, dtype, strides, zero, name=name)
+def conv3x3(features: int, dtype, name: str | None = None, zero: bool = False, strides: int = 1) -> nn.Conv:
+  """A 3x3 convolution with padding 1; fp32 parameters, `dtype` compute."""
+  return nn.Conv(features, (3, 3), strides=strides, padding=1, dtype=dtype,
+                 kernel_init=zero_init if zero else default_init, name=name)
 
 
 class Conv1x1(nn.Module):

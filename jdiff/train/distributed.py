@@ -12,13 +12,11 @@ import jax
 import numpy as np
 from absl import logging
 from jax._src import distributed as jax_distributed
-from jax._src import xla_bridge
 from jax.experimental import multihost_utils
 
 from jdiff.config import ConfigError, ParallelConfig
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
-HOST_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 BARRIER_TIMEOUT_S = 3600
 _barrier_ids = itertools.count()
 
@@ -28,24 +26,6 @@ def wants_initialize(cfg: ParallelConfig) -> bool:
   if cfg.distributed == "auto":
     return bool(cfg.coordinator_address or os.environ.get(COORDINATOR_ENV))
   return cfg.distributed == "on"
-
-
-def cpu_device_count(cores: int, micro_batch: int, fsdp: int = 1) -> int:
-  """The most devices, at most one per core, that split `micro_batch` evenly and are a multiple of `fsdp`."""
-  return next((n for n in range(cores, 0, -1) if micro_batch % n == 0 and n % fsdp == 0), 1)
-
-
-def split_host_cpu(cfg: ParallelConfig, micro_batch: int) -> int | None:
-  """Asks XLA for `cfg.cpu_devices` CPU devices (0: one per available core that divides `micro_batch`), before
-  JAX starts its backends; returns that count, or None where it leaves the devices as they are (see
-  ParallelConfig.cpu_devices). GPUs and TPUs are untouched: the flag only adds devices to the CPU platform."""
-  if (wants_initialize(cfg) or HOST_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "")
-      or xla_bridge.backends_are_initialized()):
-    return None
-  count = cfg.cpu_devices or cpu_device_count(len(os.sched_getaffinity(0)), micro_batch, cfg.fsdp)
-  if count > 1:
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICE_COUNT_FLAG}={count}".strip()
-  return count
 
 
 def initialize(cfg: ParallelConfig) -> None:

@@ -1,16 +1,15 @@
-"""Latent diffusion: a frozen VAE turns image batches into scaled latents for the U-Net, and samples back into images.
+"""Latent diffusion training: the frozen VAE that turns each batch into scaled latents for the U-Net.
 
-`prepare_latents` runs when a latent diffusion run starts (config.latent.vae_workdir set): it restores the VAE,
+`prepare_latents` runs when a latent run starts (config.latent.vae_workdir set): it finds and restores the VAE,
 checks that the U-Net is built for its latents, and fixes the scaling factor (1 / std of the latents of the first
-scale_batches training batches unless the config gives one). It returns the raw config with the VAE's absolute path,
-checkpoint step and the factor filled in; that is what the checkpoints store, so resuming and `jdiff.load` decode
-exactly as training encoded. Samplers never see the VAE: they run on latents as they would on pixels.
+scale_batches training batches unless the config gives one). It returns the raw config with the VAE's absolute
+path, checkpoint step and the factor filled in; that is what the checkpoints store, so resuming and `jdiff.load`
+decode exactly as training encoded.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import os
 
 import jax
@@ -18,46 +17,29 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jdiff import data
+from jdiff import checkpoint, data, sharding
 from jdiff.config import Config, ConfigError, parse_config
-from jdiff.models.vae import AutoencoderKL, VAEConfig
-from jdiff.train import checkpoint, sharding
-from jdiff.train import vae as vae_training  # a module import: vae imports the loop, which imports this
+from jdiff.latent import LatentCodec, encode_scaled, load_codec, load_vae
+from jdiff.models.vae import VAEConfig
+
+# The VAE config that trains a VAE for each offline dataset, for the missing-VAE message.
+VAE_CONFIGS = {"sklearn_digits": "configs/vae_digits.py", "shapes": "configs/vae_shapes.py"}
 
 
-@functools.partial(jax.jit, static_argnames=("vae", "sample"))
-def _encode(params, images, rng, scale, *, vae: VAEConfig, sample: bool):
-  posterior = AutoencoderKL(vae).apply({"params": params}, images, method=AutoencoderKL.encode)
-  return scale * (posterior.sample(rng) if sample else posterior.mode())
+def vae_workdir(config: Config, workdir: str) -> str:
+  """config.latent.vae_workdir made absolute: a relative one names a directory beside the run's work dir."""
+  path = os.path.expanduser(config.latent.vae_workdir)
+  return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(workdir)), path)
 
 
-@functools.partial(jax.jit, static_argnames="vae")
-def _decode(params, latents, scale, *, vae: VAEConfig):
-  return AutoencoderKL(vae).apply({"params": params}, latents / scale, method=AutoencoderKL.decode)
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentCodec:
-  """A frozen VAE and its scaling factor: images in [-1, 1] <-> latents of unit scale.
-
-  encode and decode take host arrays (device arrays are fetched first, wherever they live), so they serve a
-  sampler's output however it was sharded; the training loop's batches go through make_batch_encoder instead.
-  """
-  vae: VAEConfig
-  params: dict
-  scaling_factor: float
-  sample: bool = True  # encode with a posterior sample (training); False: the posterior mean
-
-  def encode(self, images, rng: jax.Array | None = None) -> jax.Array:
-    """Scaled latents [B, s, s, latent_channels] of images [B, S, S, C]; rng None encodes the posterior mean."""
-    sample = self.sample and rng is not None
-    rng = jax.random.key(0) if rng is None else rng
-    return _encode(self.params, np.asarray(images, np.float32), rng, jnp.float32(self.scaling_factor),
-                   vae=self.vae, sample=sample)
-
-  def decode(self, latents) -> jax.Array:
-    """Images in (about) [-1, 1] from scaled latents."""
-    return _decode(self.params, np.asarray(latents, np.float32), jnp.float32(self.scaling_factor), vae=self.vae)
+def check_vae_exists(config: Config, workdir: str) -> None:
+  """Raises ConfigError, with the command that trains the VAE, when config.latent names no trained VAE."""
+  path = vae_workdir(config, workdir)
+  if checkpoint.latest_step(path) is None:
+    vae_config = VAE_CONFIGS.get(config.data.name, "configs/vae_digits.py (or another configs/vae_*.py)")
+    raise ConfigError(f"config.latent.vae_workdir={config.latent.vae_workdir!r}: no trained VAE in {path}; train "
+                      f"it first with `python train.py --config {vae_config} --workdir {path}`, or point "
+                      "--config.latent.vae_workdir at the work dir of one")
 
 
 def latent_std(latents: list[np.ndarray]) -> float:
@@ -66,45 +48,36 @@ def latent_std(latents: list[np.ndarray]) -> float:
   return float(np.std(values))
 
 
-def load_codec(config: Config) -> LatentCodec:
-  """The codec a latent diffusion checkpoint's config (with the VAE step and factor filled in) names."""
-  lc = config.latent
-  trained = _load(lc.vae_workdir, lc.vae_checkpoint)
-  return LatentCodec(trained.config.vae, trained.params, lc.scaling_factor, sample=lc.encode == "sample")
-
-
 def prepare_latents(config: Config, raw: dict, workdir: str, start_step: int) -> tuple[LatentCodec, dict]:
-  """(codec, raw config with the VAE's path, step and scaling factor resolved) for a latent diffusion run.
+  """(codec, raw config with the VAE's path, step and scaling factor resolved) for a latent diffusion run; raises
+  ConfigError, before any data is read, when the VAE is missing or is not the one a resumed run started with.
 
   A resumed run (start_step > 0) takes them from its checkpoint's config, so it keeps the factor it started with.
   """
   lc = config.latent
+  path = vae_workdir(config, workdir)
   resolved = copy.deepcopy(raw)
   if start_step:
     manager = checkpoint.make_manager(workdir, create=False)
     saved = checkpoint.restore_config(manager, start_step).get("latent", {})
-    if saved.get("vae_workdir") != os.path.abspath(lc.vae_workdir):
-      raise ConfigError(f"config.latent.vae_workdir={lc.vae_workdir!r}, but the checkpoint in {workdir!r} was "
-                        f"trained on the latents of {saved.get('vae_workdir')!r}: use that VAE or another --workdir")
+    if saved.get("vae_workdir") != path:
+      raise ConfigError(f"config.latent.vae_workdir={lc.vae_workdir!r} ({path}), but the checkpoint in {workdir!r} "
+                        f"was trained on the latents of {saved.get('vae_workdir')!r}: use that VAE or another "
+                        "--workdir")
+    check_vae_exists(config, workdir)
     resolved["latent"] = saved
     return load_codec(parse_config(resolved)), resolved
-  trained = _load(lc.vae_workdir, lc.vae_checkpoint)
+  check_vae_exists(config, workdir)
+  trained = load_vae(path, lc.vae_checkpoint)
   _check_shapes(config, trained.config.vae)
   codec = LatentCodec(trained.config.vae, trained.params, lc.scaling_factor or 1.0, sample=lc.encode == "sample")
   if not lc.scaling_factor:
     codec = dataclasses.replace(codec, scaling_factor=1.0 / _measured_std(config, codec))
   resolved["latent"] = dict(raw.get("latent", {}), vae_workdir=trained.workdir, vae_checkpoint=trained.step,
                             scaling_factor=codec.scaling_factor)
-  logging.info("Latent diffusion on the VAE at %s (step %d): latents %s, scaling factor %.5f", trained.workdir,
+  logging.info("latent diffusion on the VAE at %s (step %d): latents %s, scaling factor %.5f", trained.workdir,
                trained.step, (config.model.image_size,) * 2 + (config.model.in_channels,), codec.scaling_factor)
   return codec, resolved
-
-
-def _load(workdir: str, step: int | None):
-  try:
-    return vae_training.load_vae(workdir, step)
-  except FileNotFoundError as e:
-    raise ConfigError(f"config.latent.vae_workdir={workdir!r}: {e}") from None
 
 
 def _measured_std(config: Config, codec: LatentCodec) -> float:
@@ -144,7 +117,7 @@ def make_batch_encoder(codec: LatentCodec, mesh, seed: int):
   scale = jnp.float32(codec.scaling_factor)
 
   def encode(batch: dict, step: int) -> dict:
-    latents = _encode(params, batch["image"], jax.random.fold_in(rng, step), scale, vae=codec.vae,
-                      sample=codec.sample)
+    latents = encode_scaled(params, batch["image"], jax.random.fold_in(rng, step), scale, vae=codec.vae,
+                            sample=codec.sample)
     return dict(batch, image=latents)
   return encode

@@ -1,4 +1,4 @@
-"""Training state (params, EMA params, optimizer state, step) and the optimizer that updates it."""
+"""Training state (params, EMA params, optimizer state, step), the optimizer, and the update every trainer applies."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,9 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff.config import Config, TrainingConfig
-from jdiff.models.text import TextToImageUNet
-from jdiff.models.unet import UNet
+from jdiff.config import TrainingConfig
 
 
 @flax.struct.dataclass
@@ -42,35 +40,28 @@ def ema_decay_at(step: jax.Array, cfg: TrainingConfig) -> jax.Array:
   return jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def make_model(config: Config) -> UNet | TextToImageUNet:
-  """The U-Net; with config.model.context_dim > 0, the U-Net and its text encoder (token ids for labels)."""
-  remat = config.training.remat
-  if config.model.context_dim:
-    return TextToImageUNet(config.model, config.text.encoder_config(config.model.dtype), config.text.trainable,
-                           remat=remat)
-  return UNet(config.model, remat=remat)
+def fresh_state(params, cfg: TrainingConfig) -> TrainState:
+  """Step 0: the EMA starts at the params, the optimizer state is the optimizer's initial one."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=make_optimizer(cfg).init(params))
 
 
-def init_params(model: UNet | TextToImageUNet, rng: jax.Array):
-  mc = model.config
-  x = jnp.zeros((1, mc.image_size, mc.image_size, mc.in_channels), jnp.float32)
-  labels = jnp.zeros((1,), jnp.int32) if mc.num_classes else None
-  if isinstance(model, TextToImageUNet):
-    labels = jnp.zeros((1, model.text.max_length), jnp.int32)
-  return model.init({"params": rng}, x, jnp.zeros((1,), jnp.float32), labels)["params"]
+def apply_gradients(state: TrainState, loss: jax.Array, grads, cfg: TrainingConfig) -> tuple[TrainState, dict]:
+  """(new state, metrics): the optimizer's update and the EMA, unless the loss or gradient is not finite.
 
-
-def create_train_state(config: Config, rng: jax.Array) -> TrainState:
-  """A fresh state; call under jax.jit (or eval_shape) so initialisation compiles once."""
-  params = init_params(make_model(config), rng)
-  tx = make_optimizer(config.training)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
-
-
-def abstract_train_state(config: Config) -> TrainState:
-  """Shapes and dtypes of the state, without allocating it (for restoring checkpoints)."""
-  return jax.eval_shape(lambda: create_train_state(config, jax.random.key(0)))
-
-
-def param_count(params) -> int:
-  return sum(x.size for x in jax.tree_util.tree_leaves(params))
+  A non-finite step leaves params, EMA and optimizer state as they were and counts only the step, so a NaN never
+  reaches the params or a checkpoint; metrics["nonfinite_steps"] is 1 for it, and the loop decides whether to
+  stop or go on (training.nonfinite).
+  """
+  updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay_at(state.step, cfg)
+  ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate_schedule(cfg)(state.step),
+             "nonfinite_steps": 1 - finite.astype(jnp.int32)}
+  return new_state, metrics

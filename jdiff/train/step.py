@@ -1,14 +1,16 @@
-"""One training step as a pure function: sample t and noise, predict, weighted loss, Adam update, EMA."""
+"""One U-Net training step as a pure function: sample t and noise, predict, weighted loss, Adam update, EMA."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jdiff import diffusion
+from jdiff.build import init_params, make_model
 from jdiff.config import Config
 from jdiff.schedules import Schedule
-from jdiff.train.state import TrainState, ema_decay_at, learning_rate_schedule, make_model, make_optimizer
+from jdiff.train.state import TrainState, apply_gradients, fresh_state
 
 
 def drop_labels(rng: jax.Array, labels: jax.Array, num_classes: int, rate: float) -> jax.Array:
@@ -51,7 +53,7 @@ def loss_on_draws(params, batch: dict, draws: dict, dropout_rng: jax.Array, sche
   pred = make_model(config).apply({"params": params}, x_t, t.astype(jnp.float32), draws.get("labels"), train=train,
                                   rngs={"dropout": dropout_rng})
   losses = diffusion.diffusion_loss(pred, schedule=schedule, x0=x0, noise=noise, t=t,
-                                    parameterisation=dc.prediction, min_snr_gamma=dc.min_snr_gamma)
+                                    prediction=dc.prediction, min_snr_gamma=dc.min_snr_gamma)
   return jnp.mean(losses)
 
 
@@ -88,26 +90,18 @@ def loss_and_grads(params, batch: dict, rng: jax.Array, schedule: Schedule, *, c
   return jax.tree_util.tree_map(lambda x: x / k, total)
 
 
+def create_train_state(config: Config, rng: jax.Array) -> TrainState:
+  """A fresh state; call under jax.jit (or eval_shape) so initialisation compiles once."""
+  return fresh_state(init_params(make_model(config), rng), config.training)
+
+
+def abstract_train_state(config: Config) -> TrainState:
+  """Shapes and dtypes of the state, without allocating it (for restoring checkpoints)."""
+  return jax.eval_shape(functools.partial(create_train_state, config), jax.random.key(0))
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, schedule: Schedule, *, config: Config):
   """Returns (new_state, metrics). Every random draw is a function of (rng, state.step)."""
   step_rng = jax.random.fold_in(rng, state.step)
   loss, grads = loss_and_grads(state.params, batch, step_rng, schedule, config=config)
-  updates, opt_state = make_optimizer(config.training).update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  decay = ema_decay_at(state.step, config.training)
-  ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate_schedule(config.training)(state.step),
-             "nonfinite_steps": 1 - finite.astype(jnp.int32)}
-  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-  return keep_if_finite(finite, new_state, state), metrics
-
-
-def keep_if_finite(finite: jax.Array, new_state: TrainState, state: TrainState) -> TrainState:
-  """The new state, or (for a step whose loss or gradient is not finite) the old one with the step counted, so
-  a NaN never reaches the params or a checkpoint; the loop decides whether to stop or go on (training.nonfinite)."""
-  keep = lambda new, old: jnp.where(finite, new, old)
-  return new_state.replace(params=jax.tree_util.tree_map(keep, new_state.params, state.params),
-                           ema_params=jax.tree_util.tree_map(keep, new_state.ema_params, state.ema_params),
-                           opt_state=jax.tree_util.tree_map(keep, new_state.opt_state, state.opt_state))
+  return apply_gradients(state, loss, grads, config.training)

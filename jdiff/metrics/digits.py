@@ -2,7 +2,7 @@
 
 The classifier sees images exactly as training does: scikit-learn's digits from the `sklearn_digits` train split,
 as uint8, resized to the model's image size with the pipeline's resize. Generated samples go in as uint8 too
-(`jdiff.data.model_range_to_uint8` maps a sampler's [-1, 1] output). An RBF support-vector machine on pixels in
+(`jdiff.images.model_range_to_uint8` maps a sampler's [-1, 1] output). An RBF support-vector machine on pixels in
 [0, 1] trains in under a second and scores about 96% on the real test split at sizes 8 to 32; a logistic regression
 on standardised pixels reaches only about 89% there, as the test split's writers are mostly unseen in training.
 """
@@ -29,7 +29,7 @@ class DigitClassifier:
     expected = (self.image_size, self.image_size, 1)
     if images.dtype != np.uint8 or images.shape[1:] != expected:
       raise ValueError(f"expected uint8 images of shape [N, {', '.join(map(str, expected))}], got "
-                       f"{images.dtype} {images.shape}; map [-1, 1] samples with jdiff.data.model_range_to_uint8")
+                       f"{images.dtype} {images.shape}; map [-1, 1] samples with jdiff.images.model_range_to_uint8")
     return self.model.predict(_features(images))
 
 

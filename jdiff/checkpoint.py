@@ -1,4 +1,7 @@
-"""Orbax checkpoints: the TrainState beside the config (as JSON), so a checkpoint describes itself.
+"""Orbax checkpoints: the training state beside the config (as JSON), so a checkpoint describes itself.
+
+The state is a pytree with `params` and `ema_params` among its fields; inference restores one of them alone
+(`restore_params`), training the whole state. Training writes checkpoints; everything else only reads them.
 
 Saving is atomic: orbax writes step N into `N.orbax-checkpoint-tmp-*` and renames it to `N` when complete, so a
 crash mid-save leaves no directory that looks finished (the training manager removes such leftovers). Restoring
@@ -18,7 +21,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jdiff.config import ConfigError
-from jdiff.train.state import TrainState
 
 T = TypeVar("T")
 
@@ -55,7 +57,7 @@ def latest_step(workdir: str) -> int | None:
   return make_manager(workdir, create=False).latest_step()
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: TrainState, raw_config: dict) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state, raw_config: dict) -> None:
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                              config=ocp.args.JsonSave(raw_config)))
 
@@ -69,7 +71,7 @@ def finishing(manager: ocp.CheckpointManager):
     manager.wait_until_finished()
 
 
-def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
   """Restores onto the shardings given by `abstract_state` (jax.ShapeDtypeStruct leaves with .sharding)."""
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return restored.state
@@ -83,23 +85,46 @@ def step_path(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
-def restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
+def restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state):
   """restore_state that refuses a state of other structure, shapes or dtypes (IncompatibleCheckpointError naming
   them) and reports unreadable files as UnreadableCheckpointError naming the step's path."""
   path = step_path(manager, step)
-  try:
-    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "state")
-  except Exception as e:  # Orbax raises many types (JSON, file, tensorstore errors) for damaged files.
-    raise unreadable(path, e) from e
-  mismatches = state_mismatches(getattr(stored, "tree", stored), abstract_state)
-  if mismatches:
-    raise IncompatibleCheckpointError(
-        f"checkpoint {path} holds a state of another model ({len(mismatches)} mismatching arrays); use another "
-        "--workdir or the checkpoint's settings. First mismatches:\n  " + "\n  ".join(mismatches[:8]))
+  _refuse_mismatches(path, _stored_state(path), abstract_state)
   try:
     return restore_state(manager, step, abstract_state)
   except Exception as e:
     raise unreadable(path, e) from e
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params, field: str = "ema_params"):
+  """One field of the stored state (the EMA params by default) onto `abstract_params`' shapes and shardings,
+  checked as restore_checked checks a whole state; the optimizer state is never read."""
+  path = step_path(manager, step)
+  _refuse_mismatches(path, {field: _stored_state(path).get(field, {})}, {field: abstract_params})
+  item = {field: abstract_params}
+  args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                partial_restore=True)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=args)).state[field]
+  except Exception as e:
+    raise unreadable(path, e) from e
+
+
+def _stored_state(path: str):
+  """The stored state's tree of array metadata (shapes and dtypes)."""
+  try:
+    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "state")
+  except Exception as e:  # Orbax raises many types (JSON, file, tensorstore errors) for damaged files.
+    raise unreadable(path, e) from e
+  return getattr(stored, "tree", stored)
+
+
+def _refuse_mismatches(path: str, stored_tree, wanted) -> None:
+  mismatches = state_mismatches(stored_tree, wanted)
+  if mismatches:
+    raise IncompatibleCheckpointError(
+        f"checkpoint {path} holds a state of another model ({len(mismatches)} mismatching arrays); use another "
+        "--workdir or the checkpoint's settings. First mismatches:\n  " + "\n  ".join(mismatches[:8]))
 
 
 def restore_config_checked(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -1,0 +1,128 @@
+"""jdiff-sample (and sample.py): images from a trained work dir, as a PNG grid or an .npz of raw arrays.
+
+  jdiff-sample --workdir runs/default --sampler dpmpp_2m --steps 10 --guidance_scale 3 --num 100 --out grid.png
+  python sample.py --workdir runs/default --label 7 --num 64 --out sevens.npz
+  python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
+  python sample.py --workdir runs/shapes --prompt "a red square" --guidance_scale 5 --out red.png
+
+Flags are checked before the model loads; sampling imports no training code and no TensorFlow.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from jdiff.cli import runtime
+
+FLAGS = flags.FlagValues()  # its own: both CLIs can load in one process (the tests do)
+PROGRAM = "sample.py"
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work dir that train.py wrote.", required=True, flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Output file: .png for a grid, .npz for raw arrays "
+                           "(default: WORKDIR/samples/sample.png).", flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=FLAGS)
+_CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step to load (default: the latest).", flag_values=FLAGS)
+_NUM = flags.DEFINE_integer("num", 64, "Number of images.", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Image i uses seed SEED + i.", flag_values=FLAGS)
+_PROMPT = flags.DEFINE_string("prompt", None, "Text models: the prompt of every image (default: cycle through "
+                              "the config's text.sample_prompts); \"\" samples unconditionally.", flag_values=FLAGS)
+_NEGATIVE_PROMPT = flags.DEFINE_string("negative_prompt", None, "Text models: a prompt to steer away from, in place "
+                                       "of the empty prompt.", flag_values=FLAGS)
+_LABEL = flags.DEFINE_integer("label", None, "Class models: the class of every image (default: cycle through them).", flag_values=FLAGS)
+_NEGATIVE_LABEL = flags.DEFINE_integer("negative_label", None, "A class to steer away from, in place of the null "
+                                       "class.", flag_values=FLAGS)
+_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler name (default: the config's).", flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", None, "Number of sampling steps (default: the config's).", flag_values=FLAGS)
+_SPACING = flags.DEFINE_string("spacing", None, "Timestep spacing: leading, trailing, linspace, or karras sigmas "
+                               "(default: the config's).", flag_values=FLAGS)
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; 1 = none (default: the "
+                               "config's).", flag_values=FLAGS)
+_RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi in [0, 1] (Lin et al., 2023).", flag_values=FLAGS)
+_ETA = flags.DEFINE_float("eta", None, "DDIM eta / ancestral noise (default: the config's).", flag_values=FLAGS)
+_CLIP = flags.DEFINE_bool("clip_x0", None, "Clip each denoised estimate to [-1, 1] (--noclip_x0: don't); default: "
+                          "the config's, which clips pixel models and not latent ones.", flag_values=FLAGS)
+_INTERPOLATE = flags.DEFINE_integer("interpolate", None, "Write a strip of this many frames interpolating from seed "
+                                    "SEED's noise to --seed_end's (and from --label to --label_end) instead.", flag_values=FLAGS)
+_SEED_END = flags.DEFINE_integer("seed_end", None, "Last frame's seed for --interpolate (default: SEED + 1).", flag_values=FLAGS)
+_LABEL_END = flags.DEFINE_integer("label_end", None, "Last frames' class for --interpolate (default: --label).", flag_values=FLAGS)
+_PROMPT_END = flags.DEFINE_string("prompt_end", None, "Last frames' prompt for --interpolate (default: --prompt).", flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.", flag_values=FLAGS)
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU backend only: split the cores into this many XLA "
+                                    "devices and the batch over them (0: one per core that divides the batch).", flag_values=FLAGS)
+_KEEP_HOST_MEMORY = flags.DEFINE_bool("keep_host_memory", True, "CPU backend only: keep freed host memory for "
+                                      "reuse (jdiff/cli/host_memory.py).", flag_values=FLAGS)
+
+
+def output_path() -> str:
+  out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "sample.png")
+  if not out.endswith((".png", ".npz")):
+    raise ValueError(f"--out={out!r} must end in .png (a grid) or .npz (raw arrays)")
+  if os.path.exists(out) and not _OVERWRITE.value:
+    raise ValueError(f"--out={out!r} exists; choose another path or pass --overwrite to replace it")
+  if os.path.isdir(out):
+    raise ValueError(f"--out={out!r} is a directory; give a file path")
+  return out
+
+
+def check_flags() -> None:
+  """Everything that can be judged without the model, so a typo costs no model load."""
+  from jdiff import samplers  # pylint: disable=import-outside-toplevel
+  if _NUM.value < 1 or _BATCH.value < 1:
+    raise ValueError(f"--num={_NUM.value} and --batch_size={_BATCH.value} must be at least 1")
+  if _INTERPOLATE.value is not None and _INTERPOLATE.value < 2:
+    raise ValueError(f"--interpolate={_INTERPOLATE.value} must be at least 2 frames")
+  if _SAMPLER.value is not None and _SAMPLER.value not in samplers.SAMPLERS:
+    raise ValueError(f"unknown sampler {_SAMPLER.value!r}; choose one of {', '.join(samplers.SAMPLERS)}")
+  if _SPACING.value is not None and _SPACING.value not in samplers.SPACINGS:
+    raise ValueError(f"unknown spacing {_SPACING.value!r}; choose one of {', '.join(samplers.SPACINGS)}")
+  if _STEPS.value is not None and _STEPS.value < 1:
+    raise ValueError(f"--steps={_STEPS.value} must be at least 1")
+  if not 0 <= _SEED.value < 2**32:
+    raise ValueError(f"--seed={_SEED.value} is outside [0, 2**32)")
+
+
+def sampling_options() -> dict:
+  return dict(sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value, guidance_scale=_GUIDANCE.value,
+              guidance_rescale=_RESCALE.value, negative_label=_NEGATIVE_LABEL.value, eta=_ETA.value,
+              negative_prompt=_NEGATIVE_PROMPT.value, clip_x0=_CLIP.value)
+
+
+def main(argv):
+  runtime.start_cli(argv)
+  try:
+    check_flags()
+    out = output_path()
+  except ValueError as e:
+    runtime.fail(PROGRAM, e)
+  runtime.tune_cpu_process(cpu_devices=_CPU_DEVICES.value, keep_host_memory=_KEEP_HOST_MEMORY.value,
+                           micro_batch=_INTERPOLATE.value or min(_NUM.value, _BATCH.value))
+  import jdiff  # pylint: disable=import-outside-toplevel
+  from jdiff.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  from jdiff.config import ConfigError  # pylint: disable=import-outside-toplevel
+  try:
+    pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
+    if _INTERPOLATE.value:
+      samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
+                                 label_end=_LABEL_END.value, prompt=_PROMPT.value, prompt_end=_PROMPT_END.value,
+                                 **sampling_options())
+    else:
+      samples = pipe.generate(_PROMPT.value, num=_NUM.value, seed=_SEED.value, label=_LABEL.value,
+                              batch_size=_BATCH.value, progress=runtime.progress_bar("sampling"),
+                              **sampling_options())
+  except (ValueError, TypeError, FileNotFoundError, ConfigError, CheckpointError) as e:
+    runtime.fail(PROGRAM, e)
+  try:
+    samples.save(out, columns=_INTERPOLATE.value)  # an interpolation strip is one row
+  except OSError as e:
+    runtime.fail(PROGRAM, f"cannot write --out={out!r}: {e}")
+  print(f"wrote {len(samples.images)} images from checkpoint {pipe.step} of {_WORKDIR.value} to {out}")
+
+
+def run(argv: list[str] | None = None):
+  """The console script's entry point (argv: the command line, default sys.argv); exits with main's status."""
+  app.run(main, argv=argv, flags_parser=lambda args: runtime.parse_flags(args, FLAGS))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,88 @@
+"""The U-Net trainer: diffusion training on pixels or on a VAE's latents, with class labels or captions.
+
+It supplies the loop (jdiff/train/loop.py) with the state, the pure step of jdiff/train/step.py, batches from the
+input pipeline (captions tokenized; a latent run's images encoded on the devices), and sample grids made by the
+same Pipeline that `jdiff.load` returns.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+from absl import logging
+
+from jdiff import build, data, images, sharding
+from jdiff.config import Config, ConfigError, parse_config
+from jdiff.pipeline import Pipeline
+from jdiff.schedules import make_schedule
+from jdiff.train import latent
+from jdiff.train.state import TrainState
+from jdiff.train.step import abstract_train_state, create_train_state, train_step
+
+# Sections that fix the shapes and meaning of the parameters: resuming with other values is an error.
+RESUME_SECTIONS = ("model", "diffusion")
+
+
+class UNetTrainer:
+  resume_sections = RESUME_SECTIONS
+
+  def __init__(self, config: Config, raw: dict, workdir: str, mesh, start_step: int):
+    self.workdir, self.mesh = workdir, mesh
+    self.codec = self._encode = None
+    if config.latent.enabled:
+      self.codec, raw = latent.prepare_latents(config, raw, workdir, start_step)
+      config = parse_config(raw)
+      self._encode = latent.make_batch_encoder(self.codec, mesh, config.seed)
+    self.config, self.raw = config, raw
+    self.step_inputs = (make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),)
+    self.step = functools.partial(train_step, config=config)
+    self.init_state = functools.partial(create_train_state, config)
+
+  def describe(self, state: TrainState) -> str:
+    kind = "latent U-Net" if self.codec else "U-Net"
+    return f"{kind} with {build.param_count(state.params):,} parameters"
+
+  def abstract_state(self) -> TrainState:
+    return abstract_train_state(self.config)
+
+  def batches(self, start_step: int):
+    config = self.config
+    try:
+      iterator = data.make_train_iterator(config.data, config.training.batch_size, config.seed,
+                                          process_index=jax.process_index(), process_count=jax.process_count(),
+                                          start_step=start_step, captions=bool(config.model.context_dim))
+    except ValueError as e:  # By its contract: a bad split, batch size or process layout.
+      raise ConfigError(f"config.data: {e}") from None
+    if config.model.context_dim:
+      iterator = map(functools.partial(tokenize_captions, config.text.tokenizer()), iterator)
+    return iterator
+
+  def prepare(self, batch: dict, step: int) -> dict:
+    return self._encode(batch, step) if self._encode else batch
+
+  def write_samples(self, state: TrainState, step: int, writer) -> None:
+    """A grid of the config's num_samples images (one column per class or sample prompt) from the EMA params.
+
+    The EMA params are first gathered whole onto each of this process's devices; every process then samples the
+    same grid on its own, the batch split over its devices (no collectives).
+    """
+    params = sharding.local_replica(state.ema_params, self.mesh)
+    pipe = Pipeline(config=self.config, params=params, step=step, codec=self.codec)
+    samples = pipe.generate(num=self.config.sampling.num_samples)
+    grid = images.make_grid(samples.images, samples.columns)
+    writer.write_images(step, {"samples": grid[None]})
+    if jax.process_index() == 0:
+      path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+      images.save_png(grid, path)
+      logging.info("sample grid written to %s", path)
+
+  def finish(self, state: TrainState, step: int, writer) -> None:
+    pass
+
+
+def tokenize_captions(tokenizer, batch: dict) -> dict:
+  """The batch with its "caption" strings replaced by "tokens", int32 ids [B, max_length]."""
+  batch = dict(batch)
+  batch["tokens"] = tokenizer.encode(batch.pop("caption"))
+  return batch
