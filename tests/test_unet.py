@@ -122,7 +122,7 @@ def test_bfloat16_close_to_float32(perturbed):
     ("norm_groups", 7),
     ("num_heads", 3),
     ("dropout", 1.0),
-    ("dtype", "float16"),
+    ("dtype", "float64"),
     ("channels", 0),
     ("num_res_blocks", -1),
     ("channel_mults", ()),

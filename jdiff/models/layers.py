@@ -1,13 +1,15 @@
 """Building blocks of the diffusion U-Net (Flax Linen, NHWC).
 
-Every module takes a compute `dtype`; parameters are always fp32. Group norms, the timestep embedding
-and the attention softmax run in fp32 whatever the compute dtype, since bf16 loses too much there.
+Every module takes a compute `dtype`; parameters are created in fp32 (pretrained ones may be loaded in the compute
+dtype). Group norms, the timestep embedding and the attention softmax run in fp32 whatever the compute dtype, since
+bf16 and fp16 lose too much there.
 Initialisation follows DDPM: Xavier-uniform kernels, and the last conv of every residual branch
 zero-initialised so each block starts as the identity.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -18,13 +20,18 @@ default_init = nn.initializers.xavier_uniform()
 zero_init = nn.initializers.zeros
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding [B] -> [B, dim] of (possibly fractional) timesteps, in fp32."""
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0) -> jax.Array:
+  """Sinusoidal embedding [B] -> [B, dim] of (possibly fractional) timesteps, in fp32.
+
+  Frequencies max_period^(-i / (dim/2 - freq_shift)) for i < dim/2; sines then cosines, or cosines then sines with
+  flip_sin_to_cos (Stable Diffusion's U-Net: flipped, freq_shift 0; DDPM's: neither, freq_shift 1).
+  """
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - freq_shift, 1))
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  return jnp.pad(emb, ((0, 0), (0, dim - 2 * half)))
+  waves = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  return jnp.pad(jnp.concatenate(waves, axis=-1), ((0, 0), (0, dim - 2 * half)))
 
 
 class GroupNorm(nn.Module):
@@ -53,9 +60,9 @@ class GroupNorm(nn.Module):
     return x * mul + (bias - to_channels(mean) * mul)
 
 
-def group_norm(x: jax.Array, groups: int, name: str | None = None) -> jax.Array:
+def group_norm(x: jax.Array, groups: int, name: str | None = None, eps: float = 1e-6) -> jax.Array:
   """GroupNorm computed in fp32; returns fp32 (callers cast back after any fp32 follow-up)."""
-  return GroupNorm(num_groups=groups, name=name)(x)
+  return GroupNorm(num_groups=groups, epsilon=eps, name=name)(x)
 
 
 def conv3x3(features: int, dtype, name: str | None = None, zero: bool = False, strides: int = 1) -> nn.Conv:
@@ -69,10 +76,11 @@ class Conv1x1(nn.Module):
   channels: XLA:CPU runs that 1.2-2x faster, forward and backward, than the same convolution."""
   features: int
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = default_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", default_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype)) + bias.astype(self.dtype)
 
@@ -84,10 +92,12 @@ def dense(features: int, dtype, name: str | None = None, zero: bool = False) -> 
 class TimeEmbedding(nn.Module):
   """Sinusoid of width `channels`, then Dense(4*channels), SiLU, Dense(4*channels); fp32 (it is tiny)."""
   channels: int
+  flip_sin_to_cos: bool = False
+  freq_shift: float = 1.0
 
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
-    emb = timestep_embedding(t, self.channels)
+    emb = timestep_embedding(t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
     emb = nn.silu(dense(4 * self.channels, jnp.float32, name="dense0")(emb))
     return dense(4 * self.channels, jnp.float32, name="dense1")(emb)
 
@@ -103,18 +113,19 @@ class ResBlock(nn.Module):
   dropout: float
   scale_shift: bool
   dtype: jnp.dtype = jnp.float32
+  eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
-    h = nn.silu(group_norm(x, self.groups, "norm1")).astype(self.dtype)
+    h = nn.silu(group_norm(x, self.groups, "norm1", self.eps)).astype(self.dtype)
     h = conv3x3(self.features, self.dtype, "conv1")(h)
     proj_width = 2 * self.features if self.scale_shift else self.features
     emb = dense(proj_width, self.dtype, "temb_proj")(nn.silu(temb))[:, None, None, :]
     if self.scale_shift:
       scale, shift = jnp.split(emb, 2, axis=-1)
-      h = group_norm(h, self.groups, "norm2") * (1 + scale) + shift
+      h = group_norm(h, self.groups, "norm2", self.eps) * (1 + scale) + shift
     else:
-      h = group_norm(h + emb, self.groups, "norm2")
+      h = group_norm(h + emb, self.groups, "norm2", self.eps)
     h = nn.silu(h).astype(self.dtype)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv3x3(self.features, self.dtype, "conv2", zero=True)(h)
@@ -128,11 +139,12 @@ class AttentionBlock(nn.Module):
   num_heads: int
   groups: int
   dtype: jnp.dtype = jnp.float32
+  eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
-    h = group_norm(x, self.groups, "norm").astype(self.dtype)
+    h = group_norm(x, self.groups, "norm", self.eps).astype(self.dtype)
     # Split, not reshape-and-index: the gradient is then one concatenation, not three padded copies summed, which
     # takes a third off this block's step on XLA:CPU. The same q, k, v either way.
     heads = lambda t: t.reshape(b, height * width, self.num_heads, c // self.num_heads)
@@ -143,12 +155,16 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-  """Halves H and W with a stride-2 3x3 conv."""
+  """Halves H and W with a stride-2 3x3 conv, padded by one on every side (pad_end=True: on the bottom and right
+  only, as the autoencoder of latent diffusion does)."""
   dtype: jnp.dtype = jnp.float32
+  pad_end: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return conv3x3(x.shape[-1], self.dtype, "conv", strides=2)(x)
+    padding = ((0, 1), (0, 1)) if self.pad_end else 1
+    return nn.Conv(x.shape[-1], (3, 3), strides=2, padding=padding, dtype=self.dtype, kernel_init=default_init,
+                   name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -194,18 +210,25 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-  """Stable Diffusion's Transformer2DModel: group norm, a linear projection in, `depth` TransformerBlocks over the
-  H*W positions attending to the context, a zero-initialised linear projection out, and a residual."""
+  """Stable Diffusion's Transformer2DModel: group norm, a projection in, `depth` TransformerBlocks over the H*W
+  positions attending to the context, a zero-initialised projection out, and a residual.
+
+  The projections are Dense layers (linear=True, SD 2.x's use_linear_projection) or 1x1 convolutions (SD 1.x): the
+  same maths, kept apart so that each layout's weights load and export as they are.
+  """
   num_heads: int
   depth: int
   groups: int
   dtype: jnp.dtype = jnp.float32
+  linear: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
+    project = lambda name, zero=False: (dense(c, self.dtype, name, zero) if self.linear else
+                                        Conv1x1(c, self.dtype, zero_init if zero else default_init, name=name))
     h = group_norm(x, self.groups, "norm").astype(self.dtype)
-    h = dense(c, self.dtype, "proj_in")(h).reshape(b, height * width, c)
+    h = project("proj_in")(h).reshape(b, height * width, c)
     for i in range(self.depth):
       h = TransformerBlock(self.num_heads, self.dtype, name=f"transformer_blocks_{i}")(h, context)
-    return x + dense(c, self.dtype, "proj_out", zero=True)(h).reshape(b, height, width, c)
+    return x + project("proj_out", zero=True)(h.reshape(b, height, width, c))

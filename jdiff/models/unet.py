@@ -2,7 +2,11 @@
 
 `UNet(UNetConfig(...)).apply(params, x, t, labels, train=...)` maps NHWC images x and float timesteps t
 to a prediction of x's shape with `out_channels` channels, in fp32 whatever the compute dtype.
-With the DDPM CIFAR-10 settings (scale_shift=False) it has DDPM's 35.7M parameters.
+With the DDPM CIFAR-10 settings (scale_shift=False) it has DDPM's 35.7M parameters. With a context
+(context_dim > 0) it is Stable Diffusion's UNet2DConditionModel: the fields norm_eps, flip_sin_to_cos, freq_shift,
+per-level num_heads and linear_projection express SD 1.x's and 2.x's architectures (jdiff.interop maps their
+configs). Which levels attend is fixed by the config (attention_resolutions at image_size), so the U-Net runs at
+any size divisible by 2**(levels - 1).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import jax.numpy as jnp
 from jdiff.models.layers import (AttentionBlock, Downsample, ResBlock, SpatialTransformer, TimeEmbedding, Upsample,
                                  conv3x3, group_norm)
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")  # float16: inference only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +32,7 @@ class UNetConfig:
   channel_mults: tuple[int, ...] = (1, 2, 2, 2)
   num_res_blocks: int = 2
   attention_resolutions: tuple[int, ...] = (16,)
-  num_heads: int = 1
+  num_heads: int | tuple[int, ...] = 1  # every level's attention heads, or one count per level (the middle: the last)
   dropout: float = 0.1
   num_classes: int = 0  # 0: unconditional; otherwise label num_classes is the null class.
   scale_shift: bool = True
@@ -38,10 +42,16 @@ class UNetConfig:
   # [B, M, context_dim], feed-forward; transformer_depth blocks) wherever the U-Net would self-attend.
   context_dim: int = 0
   transformer_depth: int = 1
+  linear_projection: bool = True  # the transformers' projections in and out: Dense (True) or 1x1 conv (SD 1.x)
+  norm_eps: float = 1e-6  # the group norms' epsilon, but the transformers' own (1e-6, as in diffusers)
+  flip_sin_to_cos: bool = False  # the timestep embedding: cosines first (Stable Diffusion) or sines first (DDPM)
+  freq_shift: float = 1.0  # its frequencies are 10000^(-i / (channels / 2 - freq_shift)); SD: 0, DDPM: 1
 
   def __post_init__(self):
     object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
     object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+    if not isinstance(self.num_heads, int):
+      object.__setattr__(self, "num_heads", tuple(self.num_heads))
     self._validate()
 
   @property
@@ -57,10 +67,24 @@ class UNetConfig:
   def level_channels(self) -> tuple[int, ...]:
     return tuple(self.channels * mult for mult in self.channel_mults)
 
+  @property
+  def level_heads(self) -> tuple[int, ...]:
+    """Attention heads at each level; the middle block uses the last level's."""
+    if isinstance(self.num_heads, int):
+      return (self.num_heads,) * len(self.channel_mults)
+    return self.num_heads
+
+  @property
+  def level_attends(self) -> tuple[bool, ...]:
+    """Whether each level's blocks attend (self-attention, or a transformer for a text U-Net)."""
+    return tuple(res in self.attention_resolutions for res in self.resolutions)
+
   def _validate(self):
-    for name in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "norm_groups",
-                 "transformer_depth"):
+    for name in ("image_size", "in_channels", "channels", "num_res_blocks", "norm_groups", "transformer_depth"):
       _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+    _require(len(self.level_heads) == len(self.channel_mults) and all(h > 0 for h in self.level_heads), "num_heads",
+             self.num_heads, f"a positive integer, or one per level ({len(self.channel_mults)})")
+    _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "a positive number")
     _require(self.out_channels is None or self.out_channels > 0, "out_channels", self.out_channels,
              "None or a positive integer")
     _require(len(self.channel_mults) > 0 and all(m > 0 for m in self.channel_mults), "channel_mults",
@@ -80,13 +104,11 @@ class UNetConfig:
     for width in self.level_channels:
       _require(width % self.norm_groups == 0, "norm_groups", self.norm_groups,
                f"a divisor of every level's channel count {self.level_channels}")
-    for width in self._attention_channels():
-      _require(width % self.num_heads == 0, "num_heads", self.num_heads,
-               f"a divisor of the attention channel counts {self._attention_channels()}")
-
-  def _attention_channels(self) -> tuple[int, ...]:
-    listed = [w for w, res in zip(self.level_channels, self.resolutions) if res in self.attention_resolutions]
-    return tuple(sorted(set(listed + [self.level_channels[-1]])))  # The middle block always attends.
+    for width, heads, attends in zip(self.level_channels, self.level_heads, self.level_attends):
+      _require(width % heads == 0 or not attends, "num_heads", self.num_heads,
+               f"dividing the channel count {width} of each level that attends")
+    _require(self.level_channels[-1] % self.level_heads[-1] == 0, "num_heads", self.num_heads,
+             f"dividing the middle block's channel count {self.level_channels[-1]}")
 
 
 def _require(ok: bool, field: str, value, allowed: str):
@@ -115,47 +137,49 @@ class UNet(nn.Module):
     if self.remat:
       res_block, attention_block = nn.remat(ResBlock, static_argnums=(3,)), nn.remat(AttentionBlock)
       transformer = nn.remat(SpatialTransformer)
-    block = lambda features, name: res_block(features, cfg.norm_groups, cfg.dropout, cfg.scale_shift, dtype, name=name)
-    attend = lambda h, name: attention_block(cfg.num_heads, cfg.norm_groups, dtype, name=name)(h)
+    block = lambda features, name: res_block(features, cfg.norm_groups, cfg.dropout, cfg.scale_shift, dtype,
+                                             cfg.norm_eps, name=name)
+    attend = lambda h, heads, name: attention_block(heads, cfg.norm_groups, dtype, cfg.norm_eps, name=name)(h)
     if cfg.context_dim:
       if context is None or context.shape[-1] != cfg.context_dim:
         raise ValueError(f"this U-Net cross-attends to a context [B, M, {cfg.context_dim}]; got "
                          f"{None if context is None else context.shape}")
-      attend = lambda h, name: transformer(cfg.num_heads, cfg.transformer_depth, cfg.norm_groups, dtype,
-                                           name=name)(h, context)
-    last = len(cfg.level_channels) - 1
+      attend = lambda h, heads, name: transformer(heads, cfg.transformer_depth, cfg.norm_groups, dtype,
+                                                  cfg.linear_projection, name=name)(h, context)
+    levels = list(zip(range(len(cfg.level_channels)), cfg.level_channels, cfg.level_heads, cfg.level_attends))
+    last = len(levels) - 1
 
     h = conv3x3(cfg.channels, dtype, "conv_in")(x)
     skips = [h]
-    for level, features in enumerate(cfg.level_channels):
+    for level, features, heads, attends in levels:
       for i in range(cfg.num_res_blocks):
         h = block(features, f"down{level}_res{i}")(h, emb, train)
-        if h.shape[1] in cfg.attention_resolutions:
-          h = attend(h, f"down{level}_attn{i}")
+        if attends:
+          h = attend(h, heads, f"down{level}_attn{i}")
         skips.append(h)
       if level != last:
         h = Downsample(dtype, name=f"down{level}_downsample")(h)
         skips.append(h)
 
     h = block(h.shape[-1], "mid_res0")(h, emb, train)
-    h = attend(h, "mid_attn")
+    h = attend(h, cfg.level_heads[-1], "mid_attn")
     h = block(h.shape[-1], "mid_res1")(h, emb, train)
 
-    for level, features in reversed(list(enumerate(cfg.level_channels))):
+    for level, features, heads, attends in reversed(levels):
       for i in range(cfg.num_res_blocks + 1):
         h = block(features, f"up{level}_res{i}")(jnp.concatenate([h, skips.pop()], axis=-1), emb, train)
-        if h.shape[1] in cfg.attention_resolutions:
-          h = attend(h, f"up{level}_attn{i}")
+        if attends:
+          h = attend(h, heads, f"up{level}_attn{i}")
       if level != 0:
         h = Upsample(dtype, name=f"up{level}_upsample")(h)
 
-    h = nn.silu(group_norm(h, cfg.norm_groups, "norm_out"))
+    h = nn.silu(group_norm(h, cfg.norm_groups, "norm_out", cfg.norm_eps))
     return conv3x3(cfg.output_channels, jnp.float32, "conv_out", zero=True)(h)
 
   def _embedding(self, t: jax.Array, labels: jax.Array | None) -> jax.Array:
     """Time embedding [B, 4*channels], plus the class embedding for a conditional model."""
     cfg = self.config
-    emb = TimeEmbedding(cfg.channels, name="time_embed")(t)
+    emb = TimeEmbedding(cfg.channels, cfg.flip_sin_to_cos, cfg.freq_shift, name="time_embed")(t)
     if cfg.num_classes == 0:
       return emb
     if labels is None:

@@ -9,8 +9,9 @@
 The layout follows the latent-diffusion autoencoder: conv_in, per level `layers_per_block` residual blocks and a
 stride-2 downsample (not after the last level), a middle of ResBlock / self-attention / ResBlock, then GroupNorm,
 SiLU and a conv to 2 * latent_channels (mean and log-variance), and a 1x1 "quant" conv; the decoder mirrors it with
-`layers_per_block + 1` blocks per level and nearest-neighbour upsampling. With Stable Diffusion 1.5's settings
-(configs/vae_sd15.py) it has the same 83,653,863 parameters as that model's autoencoder.
+`layers_per_block + 1` blocks per level and nearest-neighbour upsampling. The downsampling convs pad the bottom and
+right only, as diffusers' AutoencoderKL does, so that its weights give its outputs. With Stable Diffusion 1.5's
+settings (configs/vae_sd15.py) it has the same 83,653,863 parameters as that model's autoencoder.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 
 from jdiff.models.layers import AttentionBlock, Conv1x1, Downsample, Upsample, conv3x3, group_norm
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")  # float16: inference only
 LOGVAR_RANGE = (-30.0, 20.0)  # Clipped as in latent diffusion, so exp(logvar) neither underflows nor explodes.
 
 
@@ -141,7 +142,7 @@ class Encoder(nn.Module):
       for i in range(cfg.layers_per_block):
         h = VAEResBlock(features, cfg.norm_groups, dtype, name=f"down{level}_res{i}")(h)
       if level != last:
-        h = Downsample(dtype, name=f"down{level}_downsample")(h)
+        h = Downsample(dtype, pad_end=True, name=f"down{level}_downsample")(h)
     h = MidBlock(cfg.norm_groups, cfg.mid_attention, dtype, name="mid")(h)
     h = nn.silu(group_norm(h, cfg.norm_groups, "norm_out")).astype(dtype)
     h = conv3x3(2 * cfg.latent_channels, dtype, "conv_out")(h)
