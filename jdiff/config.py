@@ -181,11 +181,13 @@ class TextConfig:
   trainable: bool = True
   caption_dropout: float = 0.1
   sample_prompts: tuple[str, ...] = ()
+  vocab_size: int = 0  # 0: jdiff's word-level tokenizer's; a pretrained encoder's own (CLIP's 49408)
 
   def __post_init__(self):
     object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
     _check(0 <= self.caption_dropout < 1, "caption_dropout", self.caption_dropout, "in [0, 1)")
     _check(isinstance(self.trainable, bool), "trainable", self.trainable, "True or False")
+    _check(self.vocab_size >= 0, "vocab_size", self.vocab_size, "0 (the tokenizer's) or a positive integer")
     self.encoder_config()  # Validates the architecture fields.
     self.tokenizer().encode(self.sample_prompts)  # Raises, naming the word, for a prompt the tokenizer cannot encode.
 
@@ -193,7 +195,8 @@ class TextConfig:
     return Tokenizer(self.max_length)
 
   def encoder_config(self, dtype: str = "float32") -> TextEncoderConfig:
-    return TextEncoderConfig(vocab_size=Tokenizer(self.max_length).vocab_size, max_length=self.max_length,
+    return TextEncoderConfig(vocab_size=self.vocab_size or Tokenizer(self.max_length).vocab_size,
+                             max_length=self.max_length,
                              width=self.width, depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                              causal=self.causal, activation=self.activation, dtype=dtype)
 
@@ -354,6 +357,9 @@ def _check_consistency(config: Config) -> None:
   if not config.latent.enabled and config.model.image_size != config.data.image_size:
     raise ConfigError(f"config.model.image_size ({config.model.image_size}) must equal config.data.image_size "
                       f"({config.data.image_size}): the U-Net is built for the images the data pipeline yields")
+  if config.model.dtype == "float16":
+    raise ConfigError("config.model.dtype='float16' is for inference (fp16 training would need loss scaling): train "
+                      "in 'bfloat16'")
   if config.sampling.steps > config.diffusion.num_timesteps:
     raise ConfigError(f"config.sampling.steps ({config.sampling.steps}) exceeds "
                       f"config.diffusion.num_timesteps ({config.diffusion.num_timesteps})")
