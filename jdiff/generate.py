@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import samplers, sharding
-from jdiff.models.text import TextToImageUNet
+from jdiff.models.text import TextEncoder, TextToImageUNet
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule
 
@@ -27,11 +27,20 @@ def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidan
                  model: UNet, prediction: str, sampler: str, steps: int, spacing: str, guided: bool,
                  clip_x0: bool):
   model_fn = unet_model_fn(model, params)
+  if isinstance(model, TextToImageUNet):  # the prompts' hidden states once, not at every step
+    labels, uncond = text_context(model, params, labels), text_context(model, params, jnp.atleast_2d(uncond))
+    unet = UNet(model.config, remat=model.remat)
+    model_fn = lambda x, t, context: unet.apply({"params": params["unet"]}, x, t, context=context)
   if guided:
     model_fn = samplers.guided_model_fn(model_fn, guidance_scale=guidance_scale, uncond=uncond,
                                         guidance_rescale=guidance_rescale)
   return samplers.sample(model_fn, schedule, noise, labels, sampler=sampler, steps=steps,
                          prediction=prediction, rng=keys, eta=eta, spacing=spacing, clip_x0=clip_x0)
+
+
+def text_context(model: TextToImageUNet, params, ids):
+  """The text encoder's hidden states [B, L, width] of token ids [B, L]: what the U-Net cross-attends to."""
+  return TextEncoder(model.text).apply({"params": params["text_encoder"]}, ids)
 
 
 def spread_batch(params, *batch_arrays):

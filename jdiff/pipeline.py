@@ -13,6 +13,12 @@ A text-to-image model takes prompts where a class model takes labels:
 A latent diffusion model samples latents and decodes them with its VAE: the same calls return images.
 `jdiff.from_state(config, state)` builds a pipeline on what training returns, without a work dir.
 
+A Stable Diffusion model in diffusers' directory format loads the same way, and jdiff's models export to it:
+
+    pipe = jdiff.load("stable-diffusion-v1-5", dtype="bfloat16")        # model_index.json, unet/, vae/, ...
+    pipe.generate("a photo of a cat", height=512, width=512, steps=25, guidance_scale=7.5).images
+    jdiff.export_diffusers(jdiff.load("runs/latent_shapes"), "exported")  # diffusers' from_pretrained reads it
+
 Only inference is imported here: no training code, TensorFlow, TFDS or clu.
 """
 from __future__ import annotations
@@ -20,17 +26,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import jax
 import numpy as np
 
 from jdiff import build, checkpoint, generate as gen, images as imaging, latent, samplers, sharding
-from jdiff.config import Config, ConfigError, is_vae_config, parse_config
-from jdiff.models.unet import UNet
+from jdiff.config import (Config, ConfigError, DataConfig, DiffusionConfig, SamplingConfig, TextConfig, TrainingConfig,
+                          is_vae_config, parse_config)
+from jdiff.interop import configs, pretrained, weights
+from jdiff.models.text import TextToImageUNet
+from jdiff.models.unet import DTYPES, UNet
 from jdiff.schedules import Schedule, make_schedule
 
 Progress = Callable[[int, int], None]
+
+
+class PromptTokenizer(Protocol):
+  """What a text model's prompts go through: jdiff.tokenizer.Tokenizer, or CLIP's tokenizer for Stable Diffusion."""
+
+  def encode(self, texts: str | Sequence[str]) -> np.ndarray:
+    """int32 token ids [N, max_length] of N prompts (a single string gives N = 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +92,19 @@ class Pipeline:
   params: dict
   step: int | None = None  # the checkpoint step the params come from, if any
   codec: latent.LatentCodec | None = None
+  tokenizer: PromptTokenizer | None = None  # a text model's; None: the config's word-level Tokenizer
+  schedule: Schedule | None = None  # None: the config's diffusion schedule
+  source: str | None = None  # the diffusers directory the model was read from, if any
+
+  def __post_init__(self):
+    if self.schedule is None:
+      self.schedule = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
+    if self.tokenizer is None and self.is_text_model and not self.source:
+      self.tokenizer = self.config.text.tokenizer()
 
   @functools.cached_property
   def model(self) -> UNet:
     return build.make_model(self.config)
-
-  @functools.cached_property
-  def schedule(self) -> Schedule:
-    return make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
 
   @property
   def is_text_model(self) -> bool:
@@ -100,29 +121,47 @@ class Pipeline:
   @property
   def noise_shape(self) -> tuple[int, int, int]:
     """(H, W, C) of what the sampler runs on: the images, or a latent model's latents."""
+    return self._noise_shape(None, None)
+
+  def _noise_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """noise_shape for images of height x width (None: the model's own size), which the U-Net's downsampling and
+    the VAE's must divide."""
     mc = self.config.model
-    return (mc.image_size, mc.image_size, mc.in_channels)
+    factor = self.codec.vae.downsample_factor if self.codec else 1
+    multiple = factor * 2 ** (len(mc.channel_mults) - 1)
+    sides = []
+    for name, value in (("height", height), ("width", width)):
+      if value is not None and (not isinstance(value, (int, np.integer)) or value < 1 or value % multiple):
+        raise ValueError(f"{name}={value!r} must be a positive multiple of {multiple} for this model")
+      sides.append(mc.image_size if value is None else value // factor)
+    if mc.in_channels != mc.output_channels:
+      raise ValueError(f"this U-Net takes {mc.in_channels} channels and predicts {mc.output_channels} (an inpainting "
+                       "model): it cannot generate from noise alone")
+    return (sides[0], sides[1], mc.output_channels)
 
   def generate(self, prompt: str | Sequence[str] | None = None, *, num: int | None = None,
                label: int | Sequence[int] | None = None, negative_prompt: str | None = None,
                negative_label: int | None = None, seed: int = 0, latents: np.ndarray | None = None,
                sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
                guidance_scale: float | None = None, guidance_rescale: float = 0.0, eta: float | None = None,
-               clip_x0: bool | None = None, batch_size: int = 256, progress: Progress | None = None) -> Samples:
+               clip_x0: bool | None = None, height: int | None = None, width: int | None = None,
+               batch_size: int = 256, progress: Progress | None = None) -> Samples:
     """Images with seeds seed, seed + 1, ...: image i depends on its seed and condition alone, not on the batch.
 
     prompt (text models): one prompt for every image or one per image; None cycles through the config's
       text.sample_prompts. label (class models): likewise with classes; None cycles through them.
     num: how many images; default: one per prompt or label given as a list, or per row of `latents`, else 1.
     negative_prompt / negative_label: what guidance steers away from, in place of the empty prompt / null class.
-    latents: initial noise [N, H, W, C] (the shape of `noise_shape`) in place of seed's; seeds still draw the
-      noise of stochastic samplers.
+    latents: initial noise [N, H, W, C] (the shape of `noise_shape`, or of the latents of height x width) in place
+      of seed's; seeds still draw the noise of stochastic samplers.
     sampler, steps, spacing, guidance_scale, eta: None takes the config's sampling section. guidance_rescale:
       Lin et al. (2023), in [0, 1]. clip_x0: clip each denoised estimate to [-1, 1]; None decides from the data
       (pixel models clip, latent models do not).
+    height, width: the images' size (None: the model's), a multiple of the U-Net's and the VAE's downsampling.
     progress(done, total) is called after each batch of at most batch_size images.
     """
     num = self._count(num, prompt, label, latents)
+    shape = self._noise_shape(height, width)
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be at least 1")
     _check_seeds(seed, seed + num - 1)
@@ -132,13 +171,13 @@ class Pipeline:
     seeds = np.arange(seed, seed + num, dtype=np.int64)
     prompts = self._prompts(prompt, num)
     conds = self._cond(label, prompts, num)
-    noise = None if latents is None else self._check_latents(latents, num)
+    noise = None if latents is None else self._check_latents(latents, num, shape)
     size = min(batch_size, num)
     outputs = []
     for start in range(0, num, size):
       part = slice(start, min(start + size, num))
       outputs.append(self._sample_padded(seeds[part], None if noise is None else noise[part],
-                                         None if conds is None else conds[part], size, options))
+                                         None if conds is None else conds[part], size, options, shape))
       if progress:
         progress(part.stop, num)
     sampled = np.concatenate(outputs)
@@ -204,9 +243,9 @@ class Pipeline:
       raise ValueError(f"num={num!r} must be an integer >= 1")
     return int(num)
 
-  def _check_latents(self, latents, num: int) -> np.ndarray:
+  def _check_latents(self, latents, num: int, shape: tuple[int, int, int]) -> np.ndarray:
     latents = np.asarray(latents)
-    expected = (num, *self.noise_shape)
+    expected = (num, *shape)
     if latents.shape != expected or not np.issubdtype(latents.dtype, np.floating):
       raise ValueError(f"latents must be float {list(expected)}, got {latents.dtype} {list(latents.shape)}")
     if not np.all(np.isfinite(latents)):
@@ -242,7 +281,7 @@ class Pipeline:
       raise ValueError(f"eta={eta} must be a finite number >= 0 (0 = deterministic)")
     negative = None if negative_label is None else int(self._labels(negative_label, 1)[0])
     if self.is_text_model:  # A text model's negative is token ids: the empty prompt's by default.
-      negative = self.config.text.tokenizer().encode(negative_prompt or "")[0]
+      negative = self._tokens(negative_prompt or "")[0]
     elif negative_prompt is not None:
       raise ValueError(f"negative_prompt={negative_prompt!r} given, but this model takes no text "
                        "(config.model.context_dim=0)")
@@ -251,11 +290,11 @@ class Pipeline:
                 negative_label=negative, eta=eta,
                 clip_x0=self.config.clip_x0 if clip_x0 is None else bool(clip_x0))
 
-  def _sample_padded(self, seeds, noise, conds, size: int, options: dict) -> np.ndarray:
+  def _sample_padded(self, seeds, noise, conds, size: int, options: dict, shape) -> np.ndarray:
     """Pads a short last batch to `size`, so every batch reuses one compiled program."""
     n = len(seeds)
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)])
-    seeded, keys = gen.seeded_noise(self.noise_shape, pad(seeds))
+    seeded, keys = gen.seeded_noise(shape, pad(seeds))
     noise = seeded if noise is None else pad(noise)
     return self._sample(noise, keys, None if conds is None else pad(conds), options)[:n]
 
@@ -293,7 +332,14 @@ class Pipeline:
       return self._labels(label, num)
     if label is not None:
       raise ValueError(f"label={label!r} given, but this is a text-to-image model: pass prompt=... instead")
-    return self.config.text.tokenizer().encode(prompts)
+    return self._tokens(prompts)
+
+  def _tokens(self, prompts: str | list[str]) -> np.ndarray:
+    if self.tokenizer is None:
+      raise ValueError(f"this pipeline has no tokenizer for its prompts: pass jdiff.load({self.source!r}, "
+                       "tokenizer=...) an object whose encode(prompts) returns int32 token ids [N, "
+                       f"{self.config.text.max_length}]")
+    return np.asarray(self.tokenizer.encode(prompts), np.int32)
 
   def _labels(self, label, num: int) -> np.ndarray | None:
     num_classes = self.config.model.num_classes
@@ -341,13 +387,34 @@ def _check_seeds(first: int, last: int) -> None:
       raise ValueError(f"seed {seed} is outside [0, 2**32): use seeds from 0 to {2**32 - 1}")
 
 
-def load(workdir: str, step: int | None = None, ema: bool = True) -> Pipeline:
-  """Restores a trained model from a work dir (its latest checkpoint, or `step`), EMA params by default, replicated
-  over this process's devices (sampling splits its batch over them).
+def load(path: str, step: int | None = None, ema: bool = True, *, dtype: str | None = None,
+         variant: str | None = None, tokenizer: PromptTokenizer | None = None) -> Pipeline:
+  """A model ready to sample, replicated over this process's devices (sampling splits its batch over them), from
+  `path`: a work dir that train.py wrote, or a diffusers pipeline directory (model_index.json beside unet/ and
+  scheduler/, and for Stable Diffusion vae/, text_encoder/ and tokenizer/).
 
-  Without `step`, an unreadable latest checkpoint is reported (a warning naming its path) and the one before it
-  is used; a given `step` that is unreadable raises UnreadableCheckpointError.
+  Work dirs: the latest checkpoint, or `step`; EMA params by default. Without `step`, an unreadable latest checkpoint
+  is reported (a warning naming its path) and the one before it is used; a given `step` that is unreadable raises
+  UnreadableCheckpointError.
+  Diffusers directories: dtype ('float32', the default, 'bfloat16' or 'float16') is the params' and the networks'
+  compute dtype (schedules and sampler updates stay fp32); variant picks weight files such as
+  diffusion_pytorch_model.fp16.safetensors; tokenizer turns prompts into token ids: an object whose
+  encode(prompts) returns int32 ids [N, max_length].
   """
+  if pretrained.is_diffusers_dir(path):
+    if step is not None or not ema:
+      raise ValueError(f"{path} is a diffusers directory: step and ema apply to jdiff work dirs")
+    return _load_diffusers(path, dtype or "float32", variant, tokenizer)
+  if os.path.isfile(path):
+    raise ValueError(f"{path} is a file; jdiff.load reads a work dir or a diffusers directory (with model_index.json). "
+                     f"For a single-file checkpoint: {weights.CONVERT_HINT}")
+  if (dtype, variant, tokenizer) != (None, None, None):
+    raise ValueError(f"dtype, variant and tokenizer apply to diffusers directories; {path} is not one (it has no "
+                     "model_index.json)")
+  return _load_workdir(path, step, ema)
+
+
+def _load_workdir(workdir: str, step: int | None, ema: bool) -> Pipeline:
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"no checkpoints in work dir {workdir!r} (looked for {ckpt_dir}): train one with "
@@ -399,3 +466,61 @@ def _codec(config: Config) -> latent.LatentCodec | None:
     raise ConfigError("this latent model's config does not name its trained VAE and scaling factor: pass the config "
                       "that training resolved (TrainResult.config, or the one in its checkpoints)")
   return latent.load_codec(config)
+
+
+def _load_diffusers(path: str, dtype: str, variant: str | None, tokenizer) -> Pipeline:
+  """A Pipeline on a diffusers directory's components, with the typed Config jdiff would train it with."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+  parts = pretrained.read_components(path, dtype=dtype, variant=variant,
+                                     sharding=sharding.over_devices(jax.local_devices()))
+  settings, unet = parts.scheduler, parts.unet
+  text = TextConfig()
+  if parts.text:
+    tc = parts.text
+    text = TextConfig(max_length=tc.max_length, width=tc.width, depth=tc.depth, num_heads=tc.num_heads,
+                      mlp_dim=tc.mlp_dim, causal=tc.causal, activation=tc.activation, trainable=False,
+                      vocab_size=tc.vocab_size)
+  factor = parts.vae.downsample_factor if parts.vae else 1
+  conditional = bool(unet.context_dim or unet.num_classes)
+  config = Config(seed=0, data=DataConfig(image_size=unet.image_size * factor), model=unet,
+                  diffusion=DiffusionConfig(schedule=settings.schedule, num_timesteps=settings.num_timesteps,
+                                            prediction=settings.prediction),
+                  training=TrainingConfig(), text=text,
+                  sampling=SamplingConfig(sampler=settings.sampler, spacing=settings.spacing,
+                                          guidance_scale=7.5 if conditional else 1.0,
+                                          clip_x0=settings.clip_x0 and parts.vae is None))
+  betas = {} if settings.schedule == "cosine" else dict(beta_start=settings.beta_start, beta_end=settings.beta_end)
+  codec = parts.vae and latent.LatentCodec(parts.vae, parts.vae_params, parts.scaling_factor, sample=False)
+  params = {"text_encoder": parts.text_params, "unet": parts.unet_params} if parts.text else parts.unet_params
+  return Pipeline(config=config, params=params, codec=codec, tokenizer=tokenizer, source=os.path.abspath(path),
+                  schedule=make_schedule(settings.schedule, settings.num_timesteps, **betas))
+
+
+def export_diffusers(pipe: Pipeline, directory: str, *, overwrite: bool = False) -> None:
+  """Writes a pipeline's U-Net, and its text encoder and VAE where it has them, as a diffusers directory:
+  `diffusers` loads each component with from_pretrained(directory, subfolder=...) (a text-to-image latent model as a
+  whole StableDiffusionPipeline) and computes what jdiff computes, and jdiff.load reads it back bit for bit.
+
+  The scheduler config is the one the pipeline was read with, else jdiff's sampling defaults (its sampler's
+  scheduler on its schedule); a diffusers directory's tokenizer/ is copied. An existing `directory` is replaced only
+  with overwrite=True.
+  """
+  model = pipe.model
+  text = model.text if isinstance(model, TextToImageUNet) else None
+  source_scheduler = pipe.source and os.path.join(pipe.source, "scheduler", "scheduler_config.json")
+  if source_scheduler and os.path.isfile(source_scheduler):
+    scheduler = pretrained.read_config(pipe.source, "scheduler", "scheduler_config.json")
+  else:
+    dc, sc = pipe.config.diffusion, pipe.config.sampling
+    scheduler = configs.diffusers_scheduler_config(schedule=dc.schedule, num_timesteps=dc.num_timesteps,
+                                                   prediction=dc.prediction, sampler=sc.sampler, spacing=sc.spacing,
+                                                   clip_x0=pipe.config.clip_x0)
+  tokenizer_dir = pipe.source and os.path.join(pipe.source, "tokenizer")
+  codec = pipe.codec
+  pretrained.export(directory, unet=pipe.config.model, unet_params=pipe.params["unet"] if text else pipe.params,
+                    scheduler=scheduler, text=text, text_params=pipe.params["text_encoder"] if text else None,
+                    vae=codec and codec.vae, vae_params=codec and codec.params,
+                    scaling_factor=codec and codec.scaling_factor,
+                    tokenizer_dir=tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None,
+                    overwrite=overwrite)

@@ -1,9 +1,12 @@
-"""jdiff-sample (and sample.py): images from a trained work dir, as a PNG grid or an .npz of raw arrays.
+"""jdiff-sample (and sample.py): images from a trained work dir or a diffusers directory (Stable Diffusion), as a
+PNG grid or an .npz of raw arrays.
 
   jdiff-sample --workdir runs/default --sampler dpmpp_2m --steps 10 --guidance_scale 3 --num 100 --out grid.png
   python sample.py --workdir runs/default --label 7 --num 64 --out sevens.npz
   python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
   python sample.py --workdir runs/shapes --prompt "a red square" --guidance_scale 5 --out red.png
+  python sample.py --model stable-diffusion-v1-5 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 25 \
+    --guidance_scale 7.5 --height 512 --width 512 --num 1 --out cat.png
 
 Flags are checked before the model loads; sampling imports no training code and no TensorFlow.
 """
@@ -18,9 +21,15 @@ from jdiff.cli import runtime
 FLAGS = flags.FlagValues()  # its own: both CLIs can load in one process (the tests do)
 PROGRAM = "sample.py"
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work dir that train.py wrote.", required=True, flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work dir that train.py wrote.", flag_values=FLAGS)
+_MODEL = flags.DEFINE_string("model", None, "A diffusers pipeline directory (model_index.json, unet/, vae/, "
+                             "text_encoder/, tokenizer/, scheduler/), in place of --workdir.", flag_values=FLAGS)
+_DTYPE = flags.DEFINE_string("dtype", "float32", "--model only: the networks' dtype: float32, bfloat16 or float16 "
+                             "(sampler arithmetic stays float32).", flag_values=FLAGS)
+_VARIANT = flags.DEFINE_string("variant", None, "--model only: the weight files' variant, e.g. fp16 for "
+                               "diffusion_pytorch_model.fp16.safetensors.", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Output file: .png for a grid, .npz for raw arrays "
-                           "(default: WORKDIR/samples/sample.png).", flag_values=FLAGS)
+                           "(default: WORKDIR/samples/sample.png; required with --model).", flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=FLAGS)
 _CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step to load (default: the latest).", flag_values=FLAGS)
 _NUM = flags.DEFINE_integer("num", 64, "Number of images.", flag_values=FLAGS)
@@ -47,14 +56,20 @@ _INTERPOLATE = flags.DEFINE_integer("interpolate", None, "Write a strip of this 
 _SEED_END = flags.DEFINE_integer("seed_end", None, "Last frame's seed for --interpolate (default: SEED + 1).", flag_values=FLAGS)
 _LABEL_END = flags.DEFINE_integer("label_end", None, "Last frames' class for --interpolate (default: --label).", flag_values=FLAGS)
 _PROMPT_END = flags.DEFINE_string("prompt_end", None, "Last frames' prompt for --interpolate (default: --prompt).", flag_values=FLAGS)
+_HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model's size).", flag_values=FLAGS)
+_WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's size).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.", flag_values=FLAGS)
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU backend only: split the cores into this many XLA "
-                                    "devices and the batch over them (0: one per core that divides the batch).", flag_values=FLAGS)
+                                    "devices and the batch over them (0: one per core that divides the batch; one "
+                                    "with --model, whose wide layers use every core, and whose params each device "
+                                    "would hold).", flag_values=FLAGS)
 _KEEP_HOST_MEMORY = flags.DEFINE_bool("keep_host_memory", True, "CPU backend only: keep freed host memory for "
                                       "reuse (jdiff/cli/host_memory.py).", flag_values=FLAGS)
 
 
 def output_path() -> str:
+  if _MODEL.value and not _OUT.value:
+    raise ValueError("--model needs --out, the file to write (.png or .npz)")
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "sample.png")
   if not out.endswith((".png", ".npz")):
     raise ValueError(f"--out={out!r} must end in .png (a grid) or .npz (raw arrays)")
@@ -68,10 +83,18 @@ def output_path() -> str:
 def check_flags() -> None:
   """Everything that can be judged without the model, so a typo costs no model load."""
   from jdiff import samplers  # pylint: disable=import-outside-toplevel
+  if (_WORKDIR.value is None) == (_MODEL.value is None):
+    raise ValueError("pass --workdir (a work dir that train.py wrote) or --model (a diffusers directory), not both")
+  if _WORKDIR.value and (_DTYPE.value != "float32" or _VARIANT.value):
+    raise ValueError("--dtype and --variant apply to --model; a work dir samples as it was trained")
+  if _MODEL.value and _CHECKPOINT.value is not None:
+    raise ValueError("--checkpoint applies to --workdir; a diffusers directory holds one model")
   if _NUM.value < 1 or _BATCH.value < 1:
     raise ValueError(f"--num={_NUM.value} and --batch_size={_BATCH.value} must be at least 1")
   if _INTERPOLATE.value is not None and _INTERPOLATE.value < 2:
     raise ValueError(f"--interpolate={_INTERPOLATE.value} must be at least 2 frames")
+  if _INTERPOLATE.value and (_HEIGHT.value or _WIDTH.value):
+    raise ValueError("--height and --width apply to generated images; --interpolate samples at the model's size")
   if _SAMPLER.value is not None and _SAMPLER.value not in samplers.SAMPLERS:
     raise ValueError(f"unknown sampler {_SAMPLER.value!r}; choose one of {', '.join(samplers.SAMPLERS)}")
   if _SPACING.value is not None and _SPACING.value not in samplers.SPACINGS:
@@ -95,28 +118,33 @@ def main(argv):
     out = output_path()
   except ValueError as e:
     runtime.fail(PROGRAM, e)
-  runtime.tune_cpu_process(cpu_devices=_CPU_DEVICES.value, keep_host_memory=_KEEP_HOST_MEMORY.value,
+  runtime.tune_cpu_process(cpu_devices=_CPU_DEVICES.value or (1 if _MODEL.value else 0),
+                           keep_host_memory=_KEEP_HOST_MEMORY.value,
                            micro_batch=_INTERPOLATE.value or min(_NUM.value, _BATCH.value))
   import jdiff  # pylint: disable=import-outside-toplevel
   from jdiff.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from jdiff.config import ConfigError  # pylint: disable=import-outside-toplevel
   try:
-    pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
+    if _MODEL.value:
+      pipe = jdiff.load(_MODEL.value, dtype=_DTYPE.value, variant=_VARIANT.value)
+    else:
+      pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
     if _INTERPOLATE.value:
       samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
                                  label_end=_LABEL_END.value, prompt=_PROMPT.value, prompt_end=_PROMPT_END.value,
                                  **sampling_options())
     else:
       samples = pipe.generate(_PROMPT.value, num=_NUM.value, seed=_SEED.value, label=_LABEL.value,
-                              batch_size=_BATCH.value, progress=runtime.progress_bar("sampling"),
-                              **sampling_options())
+                              height=_HEIGHT.value, width=_WIDTH.value, batch_size=_BATCH.value,
+                              progress=runtime.progress_bar("sampling"), **sampling_options())
   except (ValueError, TypeError, FileNotFoundError, ConfigError, CheckpointError) as e:
     runtime.fail(PROGRAM, e)
   try:
     samples.save(out, columns=_INTERPOLATE.value)  # an interpolation strip is one row
   except OSError as e:
     runtime.fail(PROGRAM, f"cannot write --out={out!r}: {e}")
-  print(f"wrote {len(samples.images)} images from checkpoint {pipe.step} of {_WORKDIR.value} to {out}")
+  origin = _MODEL.value if _MODEL.value else f"checkpoint {pipe.step} of {_WORKDIR.value}"
+  print(f"wrote {len(samples.images)} images from {origin} to {out}")
 
 
 def run(argv: list[str] | None = None):
