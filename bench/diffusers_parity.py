@@ -92,8 +92,8 @@ def main():
       runs.append((kind, scheduler["_class_name"], json.dumps(conventions), settings.sampler, error))
   path = os.path.join(FIXTURES, "inpaint_unet")
   config = configs.unet_config(pretrained.read_config(path, "unet"))
-  params = pretrained.read_params(path, "unet", pretrained.abstract_unet_params(config), names.unet_module_name(2, True),
-                                  "float32", None, jax.devices()[0])
+  params = pretrained.read_params(path, "unet", pretrained.abstract_unet_params(config),
+                                  names.unet_module_name(2, True), "float32", None, jax.devices()[0])
   rows += components("inpaint", config, params)
   pipe = jdiff.load(os.path.join(FIXTURES, "export_class"))
   rows += components("export_class", pipe.config.model, pipe.params,
@@ -104,7 +104,8 @@ def main():
   print("| component | configuration | max relative error |\n|---|---|---|")
   for name, label, error in rows:
     print(f"| {name} | {label} | {error:.1e} |")
-  print("\n| fixture | diffusers scheduler | its conventions | jdiff sampler | max image error |\n|---|---|---|---|---|")
+  print("\n| fixture | diffusers scheduler | its conventions | jdiff sampler | max image error |")
+  print("|---|---|---|---|---|")
   for kind, scheduler, conventions, sampler, error in runs:
     print(f"| {kind} | {scheduler} | {conventions} | {sampler} | {error:.1e} |")
 

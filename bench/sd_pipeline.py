@@ -7,7 +7,8 @@
 
 The first run writes DIR: UNet2DConditionModel, AutoencoderKL and CLIPTextModel with SD 1.5's configs (859.5M,
 83.7M and 123.1M parameters) and random weights, fp32 safetensors plus the fp16 variant, a tokenizer, and SD 1.5's
-scheduler config. Loading is measured in fresh processes (ru_maxrss, before and after jdiff.load). Sampling: both
+scheduler config. Loading is measured in fresh processes (ru_maxrss before and after jdiff.load, and diffusers'
+StableDiffusionPipeline.from_pretrained for comparison). Sampling: both
 pipelines get the same prompts and initial latents, DPM-Solver++(2M) with trailing timesteps (the conventions the
 two share) and guidance 7.5; the frameworks alternate (A, B, A, B) so that load from other processes hits both.
 jdiff runs as `sample.py --model` does: one XLA device, freed host memory kept for reuse.
@@ -49,6 +50,21 @@ print(seconds, before * 1024, peak * 1024, size)
 """
 
 
+MEASURE_DIFFUSERS_LOAD = """
+import resource, sys, time
+sys.modules["torchvision"] = None
+import torch
+from diffusers import StableDiffusionPipeline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+pipe = StableDiffusionPipeline.from_pretrained({path!r}, torch_dtype={dtype}, variant={variant!r})
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+size = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+print(seconds, before * 1024, peak * 1024, size)
+"""
+
+
 def write_model(directory: str) -> None:
   import torch  # pylint: disable=import-outside-toplevel
   from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # pylint: disable=import-outside-toplevel
@@ -67,9 +83,11 @@ def write_model(directory: str) -> None:
                                                     up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)),
                       ("unet", lambda: UNet2DConditionModel(sample_size=64, cross_attention_dim=768))):
     model = build().eval()
-    model.save_pretrained(os.path.join(directory, name))
+    count = sum(p.numel() for p in model.parameters())
+    # fp32 last: transformers records the dtype it saved in config.json and loads the plain files as that dtype.
     model.to(torch.float16).save_pretrained(os.path.join(directory, name), variant="fp16")
-    print(f"wrote {name}: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    model.to(torch.float32).save_pretrained(os.path.join(directory, name))
+    print(f"wrote {name}: {count:,} parameters", flush=True)
     del model
   index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -80,8 +98,11 @@ def write_model(directory: str) -> None:
     json.dump(index, f, indent=2)
 
 
-def measure_load(directory: str, dtype: str, variant: str | None) -> dict:
-  code = MEASURE_LOAD.format(root=ROOT, path=directory, dtype=dtype, variant=variant)
+def measure_load(directory: str, dtype: str, variant: str | None, framework: str) -> dict:
+  if framework == "jdiff":
+    code = MEASURE_LOAD.format(root=ROOT, path=directory, dtype=dtype, variant=variant)
+  else:
+    code = MEASURE_DIFFUSERS_LOAD.format(path=directory, dtype=f"torch.{dtype}", variant=variant)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
   seconds, before, peak, size = map(float, out.split()[-4:])
   return dict(seconds=seconds, before=before, peak=peak, size=size)
@@ -103,7 +124,8 @@ class Jdiff:
 class Diffusers:
   def __init__(self, directory: str):
     import torch  # pylint: disable=import-outside-toplevel
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline  # pylint: disable=import-outside-toplevel
+    from diffusers import (DPMSolverMultistepScheduler,  # pylint: disable=import-outside-toplevel
+                           StableDiffusionPipeline)
     self.torch = torch
     self.pipe = StableDiffusionPipeline.from_pretrained(directory)
     self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config,
@@ -143,12 +165,14 @@ def main():
         f"load: {os.getloadavg()[0]:.2f}", flush=True)
   if not args.skip_load:
     gib = 2 ** 30
-    print("\n| jdiff.load | seconds | params on device (GiB) | peak host RSS (GiB) | RSS before load (GiB) |")
-    print("|---|---|---|---|---|")
-    for dtype, variant in (("float32", None), ("bfloat16", None), ("float16", "fp16")):
-      m = measure_load(args.dir, dtype, variant)
-      print(f"| {dtype}{' from the fp16 files' if variant else ''} | {m['seconds']:.1f} | {m['size'] / gib:.2f} | "
-            f"{m['peak'] / gib:.2f} | {m['before'] / gib:.2f} |", flush=True)
+    print("\n| load | dtype | seconds | params (GiB) | peak host RSS (GiB) | RSS before loading (GiB) |")
+    print("|---|---|---|---|---|---|")
+    for framework, dtype, variant in (("jdiff", "float32", None), ("diffusers", "float32", None),
+                                      ("jdiff", "bfloat16", None), ("jdiff", "float16", "fp16"),
+                                      ("diffusers", "float16", "fp16")):
+      m = measure_load(args.dir, dtype, variant, framework)
+      print(f"| {framework} | {dtype}{' (fp16 files)' if variant else ''} | {m['seconds']:.1f} | {m['size'] / gib:.2f} "
+            f"| {m['peak'] / gib:.2f} | {m['before'] / gib:.2f} |", flush=True)
   if args.skip_speed:
     return
   from jdiff.cli import runtime  # pylint: disable=import-outside-toplevel

@@ -94,8 +94,8 @@ def unet_config(raw: dict, dtype: str = "float32", where: str = "unet/config.jso
       out_channels=fields.get("out_channels", 4 if text else 3), channels=channels[0],
       channel_mults=tuple(c // channels[0] for c in channels), num_res_blocks=fields.get("layers_per_block", 2),
       attention_resolutions=tuple(r for r, a in zip(resolutions, attends) if a), dropout=fields.get("dropout", 0.0),
-      norm_groups=norm_groups, norm_eps=fields.get("norm_eps", 1e-5), flip_sin_to_cos=fields.get("flip_sin_to_cos", True),
-      freq_shift=fields.get("freq_shift", 0), dtype=dtype)
+      norm_groups=norm_groups, norm_eps=fields.get("norm_eps", 1e-5),
+      flip_sin_to_cos=fields.get("flip_sin_to_cos", True), freq_shift=fields.get("freq_shift", 0), dtype=dtype)
   for name, default in (("center_input_sample", False), ("act_fn", "silu"), ("downsample_padding", 1),
                         ("mid_block_scale_factor", 1), ("time_embedding_type", "positional"),
                         ("time_embedding_dim", None), ("class_embed_type", None)):
@@ -224,8 +224,8 @@ def diffusers_vae_config(config: VAEConfig, scaling_factor: float) -> dict:
               down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
               block_out_channels=list(config.block_out_channels), layers_per_block=config.layers_per_block,
               act_fn="silu", latent_channels=config.latent_channels, norm_num_groups=config.norm_groups,
-              sample_size=config.image_size, scaling_factor=scaling_factor, mid_block_add_attention=config.mid_attention,
-              force_upcast=True)
+              sample_size=config.image_size, scaling_factor=scaling_factor,
+              mid_block_add_attention=config.mid_attention, force_upcast=True)
 
 
 # The text encoder.
@@ -306,11 +306,18 @@ def scheduler_settings(raw: dict, where: str = "scheduler/scheduler_config.json"
   spacing = "karras" if fields.get("use_karras_sigmas") else fields.get("timestep_spacing", "leading")
   if spacing not in samplers.SPACINGS:
     fields.fail("timestep_spacing", spacing, ", ".join(samplers.SPACINGS[:3]))
-  return SchedulerSettings(schedule=BETA_SCHEDULES[beta_schedule], num_timesteps=fields.get("num_train_timesteps", 1000),
+  return SchedulerSettings(schedule=BETA_SCHEDULES[beta_schedule],
+                           num_timesteps=fields.get("num_train_timesteps", 1000),
                            beta_start=fields.get("beta_start", start), beta_end=fields.get("beta_end", end),
                            prediction=PREDICTIONS[prediction],
-                           sampler=SCHEDULER_SAMPLERS.get(raw.get("_class_name"), "dpmpp_2m"), spacing=spacing,
+                           sampler=_sampler(raw), spacing=spacing,
                            clip_x0=bool(fields.get("clip_sample", False)))
+
+
+def _sampler(raw: dict) -> str:
+  if raw.get("_class_name") == "DPMSolverMultistepScheduler" and raw.get("algorithm_type") == "sde-dpmsolver++":
+    return "dpmpp_2m_sde"
+  return SCHEDULER_SAMPLERS.get(raw.get("_class_name"), "dpmpp_2m")
 
 
 def diffusers_scheduler_config(*, schedule: str, num_timesteps: int, prediction: str, sampler: str, spacing: str,
@@ -323,8 +330,12 @@ def diffusers_scheduler_config(*, schedule: str, num_timesteps: int, prediction:
   raw = dict(_class_name=SAMPLER_SCHEDULERS.get(sampler, "DPMSolverMultistepScheduler"),
              num_train_timesteps=num_timesteps, beta_schedule=names[schedule],
              prediction_type={v: k for k, v in PREDICTIONS.items()}[prediction],
-             timestep_spacing="leading" if spacing == "karras" else spacing, use_karras_sigmas=spacing == "karras",
-             steps_offset=0, set_alpha_to_one=True, clip_sample=clip_x0)
+             timestep_spacing="leading" if spacing == "karras" else spacing, steps_offset=0, set_alpha_to_one=True,
+             clip_sample=clip_x0)
+  if spacing == "karras":
+    raw["use_karras_sigmas"] = True
+  if sampler == "dpmpp_2m_sde":
+    raw["algorithm_type"] = "sde-dpmsolver++"
   if schedule in DEFAULT_BETAS:
     raw.update(beta_start=DEFAULT_BETAS[schedule][0], beta_end=DEFAULT_BETAS[schedule][1])
   return raw
