@@ -283,6 +283,8 @@ def test_nonfinite_skip_trains_on_with_finite_params(tmp_path, monkeypatch):
     ("training.nonfinite", "ignore", r"nonfinite='ignore' is not allowed: must be one of stop, skip"),
     ("seed", -1, r"config.seed=-1 is not allowed"),
     ("model.image_size", 9, r"image_size=9 .*divisible by 2\*\*\(len\(channel_mults\) - 1\) = 2"),
+    ("diffusion.zero_terminal_snr", True, r"zero_terminal_snr=True is not allowed: must be False with prediction "
+                                          r"'eps'.*predict 'v' or 'x0'"),
 ])
 def test_config_values_of_the_wrong_type_or_range_name_the_field(key, value, message):
   raw = tiny_config().to_dict()
