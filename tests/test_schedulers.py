@@ -70,10 +70,11 @@ def run_case(name):
 def test_fixture_noise_is_jdiffs():
   keys = samplers.keys_from_seeds(np.array(SPEC["seeds"]))
   noise = samplers._step_noise(keys, tuple(SPEC["shape"]))
-  np.testing.assert_array_equal(samplers.noise_from_seeds(np.array(SPEC["seeds"]), SPEC["shape"][1:]),
-                                DATA["latents"])
+  # The same draws up to the last bit, which XLA's optimisation level (-O0 in the test suite) may change.
+  np.testing.assert_allclose(samplers.noise_from_seeds(np.array(SPEC["seeds"]), SPEC["shape"][1:]),
+                             DATA["latents"], rtol=1e-6, atol=1e-6)
   for i in (0, len(DATA["step_noise"]) - 1):
-    np.testing.assert_array_equal(noise(i), DATA["step_noise"][i])
+    np.testing.assert_allclose(noise(i), DATA["step_noise"][i], rtol=1e-6, atol=1e-6)
 
 
 # Largest |jdiff - diffusers| allowed. Diffusers computes its schedule in float32 (Stable Diffusion's smallest sigma
