@@ -98,7 +98,7 @@ class Pipeline:
 
   def __post_init__(self):
     if self.schedule is None:
-      self.schedule = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
+      self.schedule = self.config.diffusion.make_schedule()
     if self.tokenizer is None and self.is_text_model and not self.source:
       self.tokenizer = self.config.text.tokenizer()
 
