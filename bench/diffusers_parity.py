@@ -5,7 +5,8 @@ written by tests/fixtures/make_diffusers_fixtures.py): prints the largest errors
 
 Components: max |jdiff - reference| / max |reference| in fp32. Text to image: max |jdiff - diffusers| of the final
 images in [0, 1], 10 steps at guidance 7.5 from the same initial latents, per scheduler config: the ones whose
-conventions jdiff's samplers share, and SD's shipped one switched to each scheduler class.
+directory's shipped one (PNDM, steps_offset 1, set_alpha_to_one false) as generate reads it by default and read
+as each other class, and configs with jdiff's own conventions.
 """
 import json
 import os
@@ -17,6 +18,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jdiff  # noqa: E402
+from jdiff import schedulers  # noqa: E402
 from jdiff.interop import configs, names, pretrained  # noqa: E402
 from jdiff.models.text import TextEncoder  # noqa: E402
 from jdiff.models.unet import UNet  # noqa: E402
@@ -37,17 +39,6 @@ def nhwc(x):
 def rel(got, want) -> float:
   return float(np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max() / np.abs(want).max()) if np.ndim(got) == 4 \
       else float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
-class StoredTokenizer:
-  """The fixture's prompts -> the token ids transformers' CLIPTokenizer gave them."""
-
-  def __init__(self, kind):
-    self.table = dict(zip(map(str, REFS[f"{kind}/pipeline/prompts"]), REFS[f"{kind}/pipeline/ids"]))
-    self.table[str(REFS[f"{kind}/pipeline/negative"])] = REFS[f"{kind}/pipeline/negative_ids"][0]
-
-  def encode(self, texts):
-    return np.stack([self.table[t] for t in ([texts] if isinstance(texts, str) else texts)])
 
 
 def components(kind, unet_config, unet_params, text=None, text_params=None, vae=None, vae_params=None, labels=None):
@@ -75,21 +66,24 @@ def components(kind, unet_config, unet_params, text=None, text_params=None, vae=
 def main():
   rows, runs = [], []
   for kind in ("sd1", "sd2"):
-    pipe = jdiff.load(os.path.join(FIXTURES, kind), tokenizer=StoredTokenizer(kind))
+    pipe = jdiff.load(os.path.join(FIXTURES, kind))
     rows += components(kind, pipe.config.model, pipe.params["unet"], pipe.model.text, pipe.params["text_encoder"],
                        pipe.codec.vae, pipe.codec.params)
-    for case in ("jdiff_ddim", "jdiff_euler", "jdiff_dpmpp_2m", "sd_ddim", "sd_euler", "sd_dpmpp_2m"):
+    for case in ("sd_plms", "sd_ddim", "sd_euler", "sd_dpmpp_2m", "jdiff_ddim", "jdiff_euler", "jdiff_dpmpp_2m"):
       scheduler = json.loads(str(REFS[f"{kind}/pipeline/{case}/scheduler"]))
-      settings = configs.scheduler_settings(scheduler)
+      if case.startswith("sd_"):  # the directory's own config, read as this sampler's class
+        options = {} if case == "sd_plms" else dict(sampler=case.removeprefix("sd_"))
+      else:
+        _, options = schedulers.sampler_options_from_diffusers(scheduler)
+        options = dict(sampler=options["sampler"], spacing=options["spacing"])
       samples = pipe.generate(list(map(str, REFS[f"{kind}/pipeline/prompts"])),
                               negative_prompt=str(REFS[f"{kind}/pipeline/negative"]),
-                              latents=nhwc(REFS[f"{kind}/pipeline/latents"]), sampler=settings.sampler,
-                              spacing=settings.spacing, steps=10, guidance_scale=7.5)
+                              latents=nhwc(REFS[f"{kind}/pipeline/latents"]), steps=10, guidance_scale=7.5, **options)
       images = np.clip(np.asarray(pipe.codec.decode(samples.latents)) / 2 + 0.5, 0, 1)
       error = float(np.abs(images - REFS[f"{kind}/pipeline/{case}/images"]).max())
       conventions = {k: scheduler.get(k) for k in ("timestep_spacing", "steps_offset", "set_alpha_to_one")
                      if k in scheduler}
-      runs.append((kind, scheduler["_class_name"], json.dumps(conventions), settings.sampler, error))
+      runs.append((kind, scheduler["_class_name"], json.dumps(conventions), options.get("sampler", "plms"), error))
   path = os.path.join(FIXTURES, "inpaint_unet")
   config = configs.unet_config(pretrained.read_config(path, "unet"))
   params = pretrained.read_params(path, "unet", pretrained.abstract_unet_params(config),

@@ -9,8 +9,8 @@ The first run writes DIR: UNet2DConditionModel, AutoencoderKL and CLIPTextModel 
 83.7M and 123.1M parameters) and random weights, fp32 safetensors plus the fp16 variant, a tokenizer, and SD 1.5's
 scheduler config. Loading is measured in fresh processes (ru_maxrss before and after jdiff.load, and diffusers'
 StableDiffusionPipeline.from_pretrained for comparison). Sampling: both
-pipelines get the same prompts and initial latents, DPM-Solver++(2M) with trailing timesteps (the conventions the
-two share) and guidance 7.5; the frameworks alternate (A, B, A, B) so that load from other processes hits both.
+pipelines get the same prompts and initial latents, DPM-Solver++(2M) read from the directory's scheduler config
+(as `DPMSolverMultistepScheduler.from_config` reads it) and guidance 7.5; the frameworks alternate (A, B, A, B) so that load from other processes hits both.
 jdiff runs as `sample.py --model` does: one XLA device, freed host memory kept for reuse.
 """
 from __future__ import annotations
@@ -67,14 +67,14 @@ print(seconds, before * 1024, peak * 1024, size)
 
 def write_model(directory: str) -> None:
   import torch  # pylint: disable=import-outside-toplevel
-  from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # pylint: disable=import-outside-toplevel
+  from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=import-outside-toplevel
   from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
-  from make_diffusers_fixtures import SD_SCHEDULER, write_clip_tokenizer  # pylint: disable=import-outside-toplevel
+  from make_diffusers_fixtures import write_clip_tokenizer, write_shipped_scheduler  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   os.makedirs(directory)
   write_clip_tokenizer(os.path.join(directory, "tokenizer"), WORDS, "<|endoftext|>")
-  PNDMScheduler.from_config(SD_SCHEDULER).save_pretrained(os.path.join(directory, "scheduler"))
+  write_shipped_scheduler(os.path.join(directory, "scheduler"), "epsilon")
   text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
   for name, build in (("text_encoder", lambda: CLIPTextModel(text)),
@@ -109,15 +109,13 @@ def measure_load(directory: str, dtype: str, variant: str | None, framework: str
 
 
 class Jdiff:
-  def __init__(self, directory: str, tokenizer):
-    import jax  # pylint: disable=import-outside-toplevel
+  def __init__(self, directory: str):
     import jdiff  # pylint: disable=import-outside-toplevel
-    self.jax = jax
-    self.pipe = jdiff.load(directory, tokenizer=tokenizer)
+    self.pipe = jdiff.load(directory)  # its CLIP tokenizer, its scheduler config read as DPM-Solver++
 
   def __call__(self, latents: np.ndarray, steps: int, size: int) -> np.ndarray:
     samples = self.pipe.generate(PROMPT, num=len(latents), latents=latents.transpose(0, 2, 3, 1), sampler="dpmpp_2m",
-                                 spacing="trailing", steps=steps, guidance_scale=7.5, height=size, width=size)
+                                 steps=steps, guidance_scale=7.5, height=size, width=size)
     return samples.images
 
 
@@ -128,8 +126,7 @@ class Diffusers:
                            StableDiffusionPipeline)
     self.torch = torch
     self.pipe = StableDiffusionPipeline.from_pretrained(directory)
-    self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config,
-                                                                  timestep_spacing="trailing", steps_offset=0)
+    self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
     self.pipe.set_progress_bar_config(disable=True)
 
   def __call__(self, latents: np.ndarray, steps: int, size: int) -> np.ndarray:
@@ -177,14 +174,7 @@ def main():
     return
   from jdiff.cli import runtime  # pylint: disable=import-outside-toplevel
   runtime.tune_cpu_process(cpu_devices=1, micro_batch=1)
-  from transformers import CLIPTokenizer  # pylint: disable=import-outside-toplevel
-  clip = CLIPTokenizer.from_pretrained(os.path.join(args.dir, "tokenizer"))
-
-  class Tokenizer:
-    def encode(self, texts):
-      return clip(texts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
-
-  frameworks = {"jdiff": Jdiff(args.dir, Tokenizer()), "diffusers": Diffusers(args.dir)}
+  frameworks = {"jdiff": Jdiff(args.dir), "diffusers": Diffusers(args.dir)}
   print(f"\n{args.size}x{args.size}, {args.steps} steps of DPM-Solver++(2M), guidance 7.5, fp32; seconds per image")
   print("| batch | framework | first call | steady state | max |jdiff - diffusers| (uint8) |")
   print("|---|---|---|---|---|")

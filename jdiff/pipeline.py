@@ -26,18 +26,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Callable, Protocol, Sequence
 
 import jax
 import numpy as np
 
-from jdiff import build, checkpoint, generate as gen, images as imaging, latent, samplers, sharding
+from jdiff import build, checkpoint, generate as gen, images as imaging, latent, samplers, schedulers, sharding
+from jdiff.clip_tokenizer import CLIPTokenizer
 from jdiff.config import (Config, ConfigError, DataConfig, DiffusionConfig, SamplingConfig, TextConfig, TrainingConfig,
                           is_vae_config, parse_config)
 from jdiff.interop import configs, pretrained, weights
 from jdiff.models.text import TextToImageUNet
 from jdiff.models.unet import DTYPES, UNet
-from jdiff.schedules import Schedule, make_schedule
+from jdiff.schedules import Schedule
 
 Progress = Callable[[int, int], None]
 
@@ -95,6 +97,8 @@ class Pipeline:
   tokenizer: PromptTokenizer | None = None  # a text model's; None: the config's word-level Tokenizer
   schedule: Schedule | None = None  # None: the config's diffusion schedule
   source: str | None = None  # the diffusers directory the model was read from, if any
+  # A diffusers scheduler_config.json: generate follows it (jdiff.schedulers) unless given a spacing name.
+  scheduler_config: dict | None = None
 
   def __post_init__(self):
     if self.schedule is None:
@@ -227,7 +231,7 @@ class Pipeline:
     x0 = imaging.uint8_to_model_range(images)
     if self.codec:
       x0 = self.codec.encode(x0)  # the posterior mean
-    return np.asarray(gen.invert_unet(self.params, self.schedule, x0, conds, model=self.model,
+    return np.asarray(gen.invert_unet(self.params, options["schedule"], x0, conds, model=self.model,
                                       prediction=self.config.diffusion.prediction, steps=options["steps"],
                                       spacing=options["spacing"], refine=refine, clip_x0=options["clip_x0"]))
 
@@ -271,6 +275,12 @@ class Pipeline:
                         eta: float | None = None, clip_x0: bool | None = None) -> dict:
     """The sampler's keyword arguments, defaults filled in from the config and every value checked."""
     sc = self.config.sampling
+    schedule = self.schedule
+    if self.scheduler_config is not None and spacing is None:
+      schedule, shipped = self._scheduler_options(sampler)
+      sampler, spacing = shipped["sampler"], shipped["spacing"]
+      eta = shipped["eta"] if eta is None else eta
+      clip_x0 = shipped["clip_x0"] if clip_x0 is None else clip_x0
     sampler, spacing = sampler or sc.sampler, spacing or sc.spacing
     steps = sc.steps if steps is None else steps
     self._check_sampler(sampler, steps, spacing)
@@ -287,8 +297,17 @@ class Pipeline:
                        "(config.model.context_dim=0)")
     return dict(sampler=sampler, steps=steps, spacing=spacing, guidance_rescale=guidance_rescale,
                 guidance_scale=self._check_guidance(sc.guidance_scale if guidance_scale is None else guidance_scale),
-                negative_label=negative, eta=eta,
+                negative_label=negative, eta=eta, schedule=schedule,
                 clip_x0=self.config.clip_x0 if clip_x0 is None else bool(clip_x0))
+
+  def _scheduler_options(self, sampler: str | None) -> tuple[Schedule, dict]:
+    """The schedule and sampler options of the directory's scheduler config, read as `sampler`'s class (None: its
+    own class), as diffusers' pipeline samples with it."""
+    try:
+      return schedulers.sampler_options_from_diffusers(self.scheduler_config, sampler)
+    except ValueError as error:
+      raise ValueError(f"{error} (in {self.source}/scheduler/scheduler_config.json; or pass a spacing name to "
+                       "sample with jdiff's own conventions)") from None
 
   def _sample_padded(self, seeds, noise, conds, size: int, options: dict, shape) -> np.ndarray:
     """Pads a short last batch to `size`, so every batch reuses one compiled program."""
@@ -305,9 +324,10 @@ class Pipeline:
       keys = jax.random.split(jax.random.key(0), len(noise))
     options = dict(options)
     negative = options.pop("negative_label")
+    schedule = options.pop("schedule")
     negatives = None if negative is None else np.broadcast_to(np.asarray(negative, np.int32),
                                                               (len(noise),) + np.shape(negative))
-    return np.asarray(gen.sample_unet(self.model, self.params, self.schedule, noise, keys, labels=conds,
+    return np.asarray(gen.sample_unet(self.model, self.params, schedule, noise, keys, labels=conds,
                                       negative_labels=negatives, prediction=self.config.diffusion.prediction,
                                       **options))
 
@@ -366,11 +386,13 @@ class Pipeline:
                        "use guidance_scale=1")
     return float(guidance_scale) if conditional else 1.0
 
-  def _check_sampler(self, sampler: str, steps: int, spacing: str) -> None:
+  def _check_sampler(self, sampler: str, steps: int, spacing) -> None:
     if sampler not in samplers.SAMPLERS:
       raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
-    if spacing not in samplers.SPACINGS:
-      raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(samplers.SPACINGS)}")
+    if isinstance(spacing, str) and spacing not in samplers.SPACINGS or \
+        not isinstance(spacing, str) and not callable(getattr(spacing, "levels", None)):
+      raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(samplers.SPACINGS)}, or a rule with "
+                       "a levels method (jdiff.schedulers.DiffusersLevels)")
     if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.config.diffusion.num_timesteps:
       raise ValueError(f"steps={steps!r} must be an integer between 1 and the model's "
                        f"{self.config.diffusion.num_timesteps} diffusion timesteps")
@@ -469,32 +491,49 @@ def _codec(config: Config) -> latent.LatentCodec | None:
 
 
 def _load_diffusers(path: str, dtype: str, variant: str | None, tokenizer) -> Pipeline:
-  """A Pipeline on a diffusers directory's components, with the typed Config jdiff would train it with."""
+  """A Pipeline on a diffusers directory's components, with the typed Config jdiff would train it with, sampling
+  as its scheduler config says and reading prompts with its tokenizer/ (CLIP's BPE) unless given `tokenizer`."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
   parts = pretrained.read_components(path, dtype=dtype, variant=variant,
                                      sharding=sharding.over_devices(jax.local_devices()))
-  settings, unet = parts.scheduler, parts.unet
+  raw, unet = parts.scheduler, parts.unet
   text = TextConfig()
   if parts.text:
     tc = parts.text
     text = TextConfig(max_length=tc.max_length, width=tc.width, depth=tc.depth, num_heads=tc.num_heads,
                       mlp_dim=tc.mlp_dim, causal=tc.causal, activation=tc.activation, trainable=False,
                       vocab_size=tc.vocab_size)
+    if tokenizer is None and os.path.isdir(os.path.join(path, "tokenizer")):
+      tokenizer = CLIPTokenizer.from_dir(os.path.join(path, "tokenizer"), max_length=tc.max_length)
+  scheduler = raw
+  try:
+    _, shipped = schedulers.sampler_options_from_diffusers(raw)
+    levels = shipped["spacing"]
+    sampler, spacing, clip = shipped["sampler"], "karras" if levels.karras else levels.spacing, shipped["clip_x0"]
+  except ValueError as error:  # jdiff cannot follow this scheduler: its own conventions, said out loud
+    cls = raw.get("_class_name")
+    sampler = {c: s for s, c in reversed(schedulers.CLASS_OF_SAMPLER.items())}.get(cls, "dpmpp_2m")
+    spacing = raw.get("timestep_spacing", schedulers.CLASS_DEFAULTS.get(cls, {}).get("timestep_spacing"))
+    spacing = spacing if spacing in samplers.SPACINGS else "trailing"
+    clip, scheduler = bool(raw.get("clip_sample", False)), None
+    warnings.warn(f"{path}/scheduler/scheduler_config.json: {error}; jdiff samples this model with its own "
+                  f"conventions ({sampler}, {spacing} spacing)", stacklevel=3)
   factor = parts.vae.downsample_factor if parts.vae else 1
   conditional = bool(unet.context_dim or unet.num_classes)
+  prediction = schedulers.PREDICTIONS[raw.get("prediction_type", "epsilon")]
   config = Config(seed=0, data=DataConfig(image_size=unet.image_size * factor), model=unet,
-                  diffusion=DiffusionConfig(schedule=settings.schedule, num_timesteps=settings.num_timesteps,
-                                            prediction=settings.prediction),
+                  diffusion=DiffusionConfig(schedule=configs.schedule_name(raw),
+                                            num_timesteps=int(raw.get("num_train_timesteps", 1000)),
+                                            prediction=prediction,
+                                            zero_terminal_snr=bool(raw.get("rescale_betas_zero_snr", False))),
                   training=TrainingConfig(), text=text,
-                  sampling=SamplingConfig(sampler=settings.sampler, spacing=settings.spacing,
-                                          guidance_scale=7.5 if conditional else 1.0,
-                                          clip_x0=settings.clip_x0 and parts.vae is None))
-  betas = {} if settings.schedule == "cosine" else dict(beta_start=settings.beta_start, beta_end=settings.beta_end)
+                  sampling=SamplingConfig(sampler=sampler, spacing=spacing, guidance_scale=7.5 if conditional else 1.0,
+                                          clip_x0=clip and parts.vae is None))
   codec = parts.vae and latent.LatentCodec(parts.vae, parts.vae_params, parts.scaling_factor, sample=False)
   params = {"text_encoder": parts.text_params, "unet": parts.unet_params} if parts.text else parts.unet_params
   return Pipeline(config=config, params=params, codec=codec, tokenizer=tokenizer, source=os.path.abspath(path),
-                  schedule=make_schedule(settings.schedule, settings.num_timesteps, **betas))
+                  schedule=schedulers.diffusers_schedule(raw), scheduler_config=scheduler)
 
 
 def export_diffusers(pipe: Pipeline, directory: str, *, overwrite: bool = False) -> None:
@@ -515,7 +554,7 @@ def export_diffusers(pipe: Pipeline, directory: str, *, overwrite: bool = False)
     dc, sc = pipe.config.diffusion, pipe.config.sampling
     scheduler = configs.diffusers_scheduler_config(schedule=dc.schedule, num_timesteps=dc.num_timesteps,
                                                    prediction=dc.prediction, sampler=sc.sampler, spacing=sc.spacing,
-                                                   clip_x0=pipe.config.clip_x0)
+                                                   clip_x0=pipe.config.clip_x0, zero_terminal_snr=dc.zero_terminal_snr)
   tokenizer_dir = pipe.source and os.path.join(pipe.source, "tokenizer")
   codec = pipe.codec
   pretrained.export(directory, unet=pipe.config.model, unet_params=pipe.params["unet"] if text else pipe.params,

@@ -15,6 +15,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import jdiff
+from jdiff import samplers, schedulers
+from jdiff.clip_tokenizer import CLIPTokenizer
 from jdiff.interop import configs, names, pretrained
 from jdiff.models.text import TextEncoder
 from jdiff.models.unet import UNet
@@ -56,23 +58,10 @@ def vae_outputs(config, params, images, latents):
   return tuple(nchw(a) for a in jax.jit(run)(params, nhwc(images), nhwc(latents)))
 
 
-class StoredTokenizer:
-  """The fixture's prompts -> the token ids transformers' CLIPTokenizer gave them: these tests run without
-  transformers, and CLIP's BPE tokenizer is tested on its own."""
-
-  def __init__(self, kind: str):
-    prompts = [str(p) for p in REFS[f"{kind}/pipeline/prompts"]]
-    self.table = dict(zip(prompts, REFS[f"{kind}/pipeline/ids"]))
-    self.table[str(REFS[f"{kind}/pipeline/negative"])] = REFS[f"{kind}/pipeline/negative_ids"][0]
-
-  def encode(self, texts):
-    return np.stack([self.table[t] for t in ([texts] if isinstance(texts, str) else texts)])
-
-
 @pytest.fixture(scope="module")
 def pipes():
-  """The SD-1-like and SD-2-like fixtures, loaded."""
-  return {kind: jdiff.load(os.path.join(FIXTURES, kind), tokenizer=StoredTokenizer(kind)) for kind in ("sd1", "sd2")}
+  """The SD-1-like and SD-2-like fixtures, loaded: their tokenizer/ and scheduler config as they ship."""
+  return {kind: jdiff.load(os.path.join(FIXTURES, kind)) for kind in ("sd1", "sd2")}
 
 
 @pytest.fixture(params=["sd1", "sd2"])
@@ -105,13 +94,26 @@ def test_configs_round_trip_through_diffusers_fields(sd):
   assert configs.unet_config(configs.diffusers_unet_config(pipe.config.model)) == pipe.config.model
   assert configs.text_config(configs.diffusers_text_config(pipe.model.text)) == pipe.model.text
   assert configs.vae_config(configs.diffusers_vae_config(pipe.codec.vae, 0.13)) == (pipe.codec.vae, 0.13)
-  for sampler in ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms"):
-    for spacing in ("leading", "trailing", "linspace", "karras"):
+  for sampler in samplers.SAMPLERS:
+    for spacing in ("leading",) if sampler == "plms" else ("leading", "trailing", "linspace", "karras"):
       raw = configs.diffusers_scheduler_config(schedule="scaled_linear", num_timesteps=1000, prediction="v",
                                                sampler=sampler, spacing=spacing, clip_x0=False)
-      settings = configs.scheduler_settings(raw)
-      assert (settings.sampler, settings.spacing, settings.prediction, settings.schedule) == \
-          (sampler, spacing, "v", "scaled_linear")
+      schedule, options = schedulers.sampler_options_from_diffusers(raw)
+      levels = options["spacing"]
+      karras = "use_karras_sigmas" in schedulers.CLASS_DEFAULTS[schedulers.CLASS_OF_SAMPLER[sampler]]
+      expected = "trailing" if spacing == "karras" and not karras else spacing
+      assert (options["sampler"], "karras" if levels.karras else levels.spacing, options["prediction"]) == \
+          (sampler, expected, "v") and levels.steps_offset == 0 and configs.schedule_name(raw) == "scaled_linear"
+      np.testing.assert_allclose(schedule.betas, pipe.schedule.betas, rtol=1e-6)
+
+
+def test_clip_tokenizer_of_the_directory_gives_transformers_ids(sd):
+  kind, pipe = sd
+  assert isinstance(pipe.tokenizer, CLIPTokenizer)
+  prompts = [str(p) for p in REFS[f"{kind}/pipeline/prompts"]]
+  np.testing.assert_array_equal(pipe.tokenizer.encode(prompts + [""]), REFS[f"{kind}/text/ids"])
+  np.testing.assert_array_equal(pipe.tokenizer.encode(str(REFS[f"{kind}/pipeline/negative"])),
+                                REFS[f"{kind}/pipeline/negative_ids"])
 
 
 def test_text_encoder_hidden_states_equal_transformers(sd):
@@ -147,29 +149,29 @@ def test_inpainting_unet_with_nine_input_channels_equals_diffusers():
 
 # Whole text-to-image runs: 10 steps, guidance 7.5, the same initial latents as StableDiffusionPipeline.
 
-WAITING = ("SD's shipped scheduler conventions (steps_offset=1, set_alpha_to_one=False, linspace spacing with "
-           "fractional timesteps, Euler's first-step noise scale) are not mapped onto jdiff's samplers yet")
-
-
 def cases():
-  """(kind, case): the schedulers whose conventions jdiff's samplers share ('jdiff_*'), and SD's shipped ones
-  ('sd_*'). The fast tier runs SD-1-like with all three samplers and SD-2-like with DPM-Solver++; the rest are slow."""
+  """(kind, case): 'sd_*' is the directory's shipped scheduler config (PNDM, steps_offset 1, set_alpha_to_one false)
+  read as plms (its own class, what generate does by default), ddim, euler or dpmpp_2m, as diffusers'
+  from_config(pipe.scheduler.config) reads it; 'jdiff_*' are scheduler configs with jdiff's own conventions, stored
+  with the references. The fast tier runs four; the rest are slow."""
+  fast = {("sd1", "sd_plms"), ("sd1", "sd_euler"), ("sd2", "sd_ddim"), ("sd2", "sd_dpmpp_2m")}
   for kind in ("sd1", "sd2"):
-    for case in ("jdiff_ddim", "jdiff_euler", "jdiff_dpmpp_2m", "sd_ddim", "sd_euler", "sd_dpmpp_2m"):
-      marks = [pytest.mark.xfail(reason=WAITING, strict=True)] if case.startswith("sd_") else []
-      if case.startswith("sd_") or (kind == "sd2" and case != "jdiff_dpmpp_2m"):
-        marks.append(pytest.mark.slow)
+    for case in ("sd_plms", "sd_ddim", "sd_euler", "sd_dpmpp_2m", "jdiff_ddim", "jdiff_euler", "jdiff_dpmpp_2m"):
+      marks = [] if (kind, case) in fast else [pytest.mark.slow]
       yield pytest.param(kind, case, marks=marks, id=f"{kind}-{case}")
 
 
 @pytest.mark.parametrize("kind, case", cases())
 def test_text_to_image_equals_stable_diffusion_pipeline(pipes, kind, case):
   pipe = pipes[kind]
-  settings = configs.scheduler_settings(json.loads(str(REFS[f"{kind}/pipeline/{case}/scheduler"])))
+  if case.startswith("sd_"):  # the directory's scheduler: no sampler for its own class, else the sampler's name
+    options = {} if case == "sd_plms" else dict(sampler=case.removeprefix("sd_"))
+  else:
+    _, options = schedulers.sampler_options_from_diffusers(json.loads(str(REFS[f"{kind}/pipeline/{case}/scheduler"])))
+    options = dict(sampler=options["sampler"], spacing=options["spacing"])
   samples = pipe.generate([str(p) for p in REFS[f"{kind}/pipeline/prompts"]],
                           negative_prompt=str(REFS[f"{kind}/pipeline/negative"]),
-                          latents=nhwc(REFS[f"{kind}/pipeline/latents"]), sampler=settings.sampler,
-                          spacing=settings.spacing, steps=10, guidance_scale=7.5)
+                          latents=nhwc(REFS[f"{kind}/pipeline/latents"]), steps=10, guidance_scale=7.5, **options)
   images = np.clip(np.asarray(pipe.codec.decode(samples.latents)) / 2 + 0.5, 0.0, 1.0)
   want = REFS[f"{kind}/pipeline/{case}/images"]
   assert np.abs(images - want).max() < 1e-3
@@ -179,7 +181,7 @@ def test_text_to_image_equals_stable_diffusion_pipeline(pipes, kind, case):
 # Loading: dtypes, variants, and errors that name what is wrong.
 
 def test_bfloat16_networks_with_fp32_sampling_stay_close_to_diffusers_fp32(pipes):
-  pipe = jdiff.load(os.path.join(FIXTURES, "sd1"), dtype="bfloat16", tokenizer=StoredTokenizer("sd1"))
+  pipe = jdiff.load(os.path.join(FIXTURES, "sd1"), dtype="bfloat16")
   leaves = jax.tree.leaves((pipe.params, pipe.codec.params))
   assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)} and pipe.config.model.dtype == "bfloat16"
   assert pipe.schedule.sigmas.dtype == jnp.float32
@@ -221,6 +223,23 @@ def test_unsupported_config_fields_are_named(tmp_path, component, field, value, 
     jdiff.load(str(path))
 
 
+def test_scheduler_config_fields_jdiff_cannot_follow_are_named(tmp_path):
+  path = copy_fixture(tmp_path)
+  scheduler = path / "scheduler" / "scheduler_config.json"
+  edit_config(scheduler, lambda raw: raw.update(beta_schedule="sigmoid"))
+  with pytest.raises(configs.UnsupportedConfigError, match=r"scheduler/scheduler_config.json: scheduler config "
+                                                           r"beta_schedule='sigmoid' is not supported by jdiff"):
+    jdiff.load(str(path))
+  edit_config(scheduler, lambda raw: raw.update(beta_schedule="scaled_linear", clip_sample=True))
+  pipe = jdiff.load(str(path))  # PNDM has no clip_sample; DDIM reading the same config has
+  with pytest.raises(ValueError, match=r"clip_sample=True \(DDIMScheduler\) is not supported by jdiff.*"
+                                       r"scheduler_config.json; or pass a spacing name"):
+    pipe.generate("a photo of a cat", sampler="ddim", steps=2)
+  edit_config(scheduler, lambda raw: raw.update(_class_name="DDIMScheduler", thresholding=True))
+  with pytest.warns(UserWarning, match=r"thresholding=True \(DDIMScheduler\) is not supported by jdiff.*jdiff "
+                                       r"samples this model with its own conventions \(ddim, leading spacing\)"):
+    pipe = jdiff.load(str(path))
+  assert pipe.scheduler_config is None and pipe.config.sampling.sampler == "ddim"
 
 
 def test_weight_files_errors_say_what_to_do(tmp_path):
@@ -261,8 +280,10 @@ def test_mismatched_config_and_weights_are_refused(tmp_path):
     jdiff.load(str(path))
 
 
-def test_prompts_need_a_tokenizer():
-  pipe = jdiff.load(os.path.join(FIXTURES, "sd1"))
+def test_prompts_need_a_tokenizer(tmp_path):
+  path = copy_fixture(tmp_path)
+  shutil.rmtree(path / "tokenizer")
+  pipe = jdiff.load(str(path))
   with pytest.raises(ValueError, match=r"this pipeline has no tokenizer for its prompts: pass jdiff.load\(.*"
                                        r"tokenizer=...\) an object whose encode\(prompts\) returns int32 token ids"):
     pipe.generate("a photo of a cat", steps=2)
@@ -276,9 +297,7 @@ def flat(params):
 
 @pytest.mark.parametrize("name", ["export_class", "export_text", "sd1"])
 def test_export_rewrites_the_same_files_and_reads_back_bit_for_bit(tmp_path, name):
-  tokenizer = StoredTokenizer("sd1") if name == "sd1" else None
-  pipe = jdiff.load(os.path.join(FIXTURES, name), tokenizer=tokenizer) if tokenizer else \
-      jdiff.load(os.path.join(FIXTURES, name))
+  pipe = jdiff.load(os.path.join(FIXTURES, name))
   out = tmp_path / "exported"
   jdiff.export_diffusers(pipe, str(out))
   for component in ("unet", "vae", "text_encoder"):
@@ -293,12 +312,14 @@ def test_export_rewrites_the_same_files_and_reads_back_bit_for_bit(tmp_path, nam
     assert sorted(got) == sorted(k for k in want if not k.endswith("position_ids"))
     for key, value in got.items():
       np.testing.assert_array_equal(value, want[key])
-  again = jdiff.load(str(out), tokenizer=tokenizer) if tokenizer else jdiff.load(str(out))
+  again = jdiff.load(str(out))
   codecs = (pipe.codec and pipe.codec.params, again.codec and again.codec.params)
   for before, after in ((pipe.params, again.params), codecs):
     a, b = flat(before or {}), flat(after or {})
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
-  assert again.config.model.level_heads == pipe.config.model.level_heads
+  assert again.config.model.level_heads == pipe.config.model.level_heads and again.config == pipe.config
+  with open(os.path.join(FIXTURES, name, "scheduler", "scheduler_config.json")) as f:
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text()) == json.load(f)
   with pytest.raises(FileExistsError, match="exists; choose another directory or pass overwrite=True"):
     jdiff.export_diffusers(pipe, str(out))
 

@@ -41,10 +41,12 @@ _NEGATIVE_PROMPT = flags.DEFINE_string("negative_prompt", None, "Text models: a 
 _LABEL = flags.DEFINE_integer("label", None, "Class models: the class of every image (default: cycle through them).", flag_values=FLAGS)
 _NEGATIVE_LABEL = flags.DEFINE_integer("negative_label", None, "A class to steer away from, in place of the null "
                                        "class.", flag_values=FLAGS)
-_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler name (default: the config's).", flag_values=FLAGS)
+_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler name (default: the config's; --model: the scheduler "
+                               "config's class, read as this sampler's class when given).", flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", None, "Number of sampling steps (default: the config's).", flag_values=FLAGS)
 _SPACING = flags.DEFINE_string("spacing", None, "Timestep spacing: leading, trailing, linspace, or karras sigmas "
-                               "(default: the config's).", flag_values=FLAGS)
+                               "(default: the config's; --model: the scheduler config's conventions, which a "
+                               "spacing replaces with jdiff's own).", flag_values=FLAGS)
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; 1 = none (default: the "
                                "config's).", flag_values=FLAGS)
 _RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi in [0, 1] (Lin et al., 2023).", flag_values=FLAGS)

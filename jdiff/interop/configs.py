@@ -7,10 +7,9 @@ either loads and computes what diffusers computes, or does not load. Absent fiel
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from jdiff import samplers
+from jdiff import schedulers
 from jdiff.models.text import TextEncoderConfig
 from jdiff.models.unet import UNetConfig
 from jdiff.models.vae import VAEConfig
@@ -261,81 +260,39 @@ def diffusers_text_config(config: TextEncoderConfig) -> dict:
               projection_dim=config.width, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
 
-# The scheduler.
+# The scheduler: a directory's scheduler_config.json is read by jdiff.schedulers; an export writes jdiff's own
+# sampling defaults as one.
 
-SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
-                      "EulerAncestralDiscreteScheduler": "euler_ancestral", "HeunDiscreteScheduler": "heun",
-                      "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc",
-                      "LMSDiscreteScheduler": "lms"}
-SAMPLER_SCHEDULERS = {sampler: name for name, sampler in SCHEDULER_SAMPLERS.items()}
-PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
 
 
-@dataclasses.dataclass(frozen=True)
-class SchedulerSettings:
-  """What jdiff takes from a scheduler_config.json: the noise schedule and the sampling defaults.
-
-  schedule/beta_start/beta_end: jdiff's schedule name and its end points; prediction: 'eps', 'v' or 'x0';
-  sampler and spacing: the defaults of Pipeline.generate; clip_x0: the scheduler's clip_sample. The samplers run
-  with jdiff's own conventions: a scheduler's steps_offset, set_alpha_to_one and first-step noise scale are not
-  read here.
-  """
-  schedule: str
-  num_timesteps: int
-  beta_start: float
-  beta_end: float
-  prediction: str
-  sampler: str
-  spacing: str
-  clip_x0: bool
-
-
-def scheduler_settings(raw: dict, where: str = "scheduler/scheduler_config.json") -> SchedulerSettings:
-  """The schedule and sampling defaults of a diffusers scheduler config: its beta schedule, prediction type, the
-  sampler of its class (PNDM, which jdiff lacks, samples with dpmpp_2m) and its timestep spacing."""
-  fields = _Fields(raw, where)
-  beta_schedule = fields.get("beta_schedule", "linear")
-  if beta_schedule not in BETA_SCHEDULES or fields.get("trained_betas") is not None:
-    fields.fail("beta_schedule", beta_schedule, f"{', '.join(BETA_SCHEDULES)} (no trained_betas)")
-  prediction = fields.get("prediction_type", "epsilon")
-  if prediction not in PREDICTIONS:
-    fields.fail("prediction_type", prediction, ", ".join(PREDICTIONS))
-  start, end = DEFAULT_BETAS.get(beta_schedule, (None, None))
-  spacing = "karras" if fields.get("use_karras_sigmas") else fields.get("timestep_spacing", "leading")
-  if spacing not in samplers.SPACINGS:
-    fields.fail("timestep_spacing", spacing, ", ".join(samplers.SPACINGS[:3]))
-  return SchedulerSettings(schedule=BETA_SCHEDULES[beta_schedule],
-                           num_timesteps=fields.get("num_train_timesteps", 1000),
-                           beta_start=fields.get("beta_start", start), beta_end=fields.get("beta_end", end),
-                           prediction=PREDICTIONS[prediction],
-                           sampler=_sampler(raw), spacing=spacing,
-                           clip_x0=bool(fields.get("clip_sample", False)))
-
-
-def _sampler(raw: dict) -> str:
-  if raw.get("_class_name") == "DPMSolverMultistepScheduler" and raw.get("algorithm_type") == "sde-dpmsolver++":
-    return "dpmpp_2m_sde"
-  return SCHEDULER_SAMPLERS.get(raw.get("_class_name"), "dpmpp_2m")
+def schedule_name(raw: dict) -> str:
+  """jdiff's name for a scheduler config's beta_schedule (the schedule itself comes from jdiff.schedulers)."""
+  return {v: k for k, v in BETA_SCHEDULES.items()}.get(raw.get("beta_schedule", "linear"), "linear")
 
 
 def diffusers_scheduler_config(*, schedule: str, num_timesteps: int, prediction: str, sampler: str, spacing: str,
-                               clip_x0: bool) -> dict:
+                               clip_x0: bool, zero_terminal_snr: bool = False) -> dict:
   """The scheduler config of jdiff's sampling defaults: its sampler's scheduler class on jdiff's schedule, with the
-  conventions jdiff samples with (no steps offset, the last step to alphas_cumprod 1)."""
-  names = {v: k for k, v in BETA_SCHEDULES.items()}
+  conventions jdiff samples with (no steps offset, the last step to alphas_cumprod 1). DDIM, DDPM and PNDM have no
+  Karras sigmas in diffusers: their 'karras' spacing is written as 'trailing'."""
   if schedule not in SCHEDULE_NAMES:
     raise UnsupportedConfigError(f"schedule {schedule!r} has no diffusers beta_schedule")
-  raw = dict(_class_name=SAMPLER_SCHEDULERS.get(sampler, "DPMSolverMultistepScheduler"),
-             num_train_timesteps=num_timesteps, beta_schedule=names[schedule],
-             prediction_type={v: k for k, v in PREDICTIONS.items()}[prediction],
+  cls = schedulers.CLASS_OF_SAMPLER.get(sampler, "DPMSolverMultistepScheduler")
+  if spacing == "karras" and "use_karras_sigmas" not in schedulers.CLASS_DEFAULTS[cls]:
+    spacing = "trailing"
+  raw = dict(_class_name=cls,
+             num_train_timesteps=num_timesteps, beta_schedule=BETA_SCHEDULES[schedule],
+             prediction_type={v: k for k, v in schedulers.PREDICTIONS.items()}[prediction],
              timestep_spacing="leading" if spacing == "karras" else spacing, steps_offset=0, set_alpha_to_one=True,
-             clip_sample=clip_x0)
+             clip_sample=clip_x0, rescale_betas_zero_snr=zero_terminal_snr)
   if spacing == "karras":
     raw["use_karras_sigmas"] = True
   if sampler == "dpmpp_2m_sde":
     raw["algorithm_type"] = "sde-dpmsolver++"
+  if sampler == "plms":
+    raw["skip_prk_steps"] = True
   if schedule in DEFAULT_BETAS:
     raw.update(beta_start=DEFAULT_BETAS[schedule][0], beta_end=DEFAULT_BETAS[schedule][1])
   return raw

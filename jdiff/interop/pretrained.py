@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff import schedulers
 from jdiff.interop import configs, names, weights
 from jdiff.models.text import TextEncoder, TextEncoderConfig
 from jdiff.models.unet import UNet, UNetConfig
@@ -44,7 +45,7 @@ class Components:
   """A diffusers pipeline directory read into jdiff: configs and device-resident params of each component."""
   unet: UNetConfig
   unet_params: dict
-  scheduler: configs.SchedulerSettings
+  scheduler: dict  # scheduler/scheduler_config.json as read: jdiff.schedulers maps it
   text: TextEncoderConfig | None = None
   text_params: dict | None = None
   vae: VAEConfig | None = None
@@ -60,13 +61,28 @@ def read_config(path: str, component: str, name: str = "config.json") -> dict:
     return json.load(f)
 
 
+def read_scheduler(path: str) -> dict:
+  """scheduler/scheduler_config.json, its schedule and prediction checked (jdiff.schedulers reads the rest when
+  sampling)."""
+  raw = read_config(path, "scheduler", "scheduler_config.json")
+  try:
+    schedulers.diffusers_schedule(raw)
+    prediction = raw.get("prediction_type", "epsilon")
+    if prediction not in schedulers.PREDICTIONS:
+      raise ValueError(f"prediction_type={prediction!r} is not supported by jdiff (supported: "
+                       f"{', '.join(schedulers.PREDICTIONS)})")
+  except ValueError as error:
+    raise configs.UnsupportedConfigError(f"{path}/scheduler/scheduler_config.json: {error}") from None
+  return raw
+
+
 def read_components(path: str, *, dtype: str = "float32", variant: str | None = None,
                     sharding: jax.sharding.Sharding | None = None) -> Components:
   """Every component of the pipeline directory `path` that jdiff models: the U-Net and scheduler, and the VAE and
   text encoder when present. Params are `dtype` arrays placed with `sharding` (default: the first device)."""
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   unet = configs.unet_config(read_config(path, "unet"), dtype)
-  parts = dict(unet=unet, scheduler=configs.scheduler_settings(read_config(path, "scheduler", "scheduler_config.json")))
+  parts = dict(unet=unet, scheduler=read_scheduler(path))
   if os.path.isdir(os.path.join(path, "text_encoder")):
     parts["text"] = configs.text_config(read_config(path, "text_encoder"), dtype)
     if parts["text"].width != unet.context_dim:
