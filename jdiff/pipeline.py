@@ -277,6 +277,7 @@ class Pipeline:
     sc = self.config.sampling
     schedule = self.schedule
     if self.scheduler_config is not None and spacing is None:
+      self._check_sampler(sampler or sc.sampler, sc.steps, sc.spacing)
       schedule, shipped = self._scheduler_options(sampler)
       sampler, spacing = shipped["sampler"], shipped["spacing"]
       eta = shipped["eta"] if eta is None else eta
@@ -421,7 +422,8 @@ def load(path: str, step: int | None = None, ema: bool = True, *, dtype: str | N
   Diffusers directories: dtype ('float32', the default, 'bfloat16' or 'float16') is the params' and the networks'
   compute dtype (schedules and sampler updates stay fp32); variant picks weight files such as
   diffusion_pytorch_model.fp16.safetensors; tokenizer turns prompts into token ids: an object whose
-  encode(prompts) returns int32 ids [N, max_length].
+  encode(prompts) returns int32 ids [N, max_length] (default: CLIP's, from the directory's tokenizer/). generate
+  then samples as the directory's scheduler config says (jdiff.schedulers) unless given a spacing name.
   """
   if pretrained.is_diffusers_dir(path):
     if step is not None or not ema:
