@@ -10,7 +10,8 @@ The first run writes DIR: UNet2DConditionModel, AutoencoderKL and CLIPTextModel 
 scheduler config. Loading is measured in fresh processes (ru_maxrss before and after jdiff.load, and diffusers'
 StableDiffusionPipeline.from_pretrained for comparison). Sampling: both
 pipelines get the same prompts and initial latents, DPM-Solver++(2M) read from the directory's scheduler config
-(as `DPMSolverMultistepScheduler.from_config` reads it) and guidance 7.5; the frameworks alternate (A, B, A, B) so that load from other processes hits both.
+(as `DPMSolverMultistepScheduler.from_config` reads it) and guidance 7.5; the frameworks alternate (A, B, A, B)
+so that load from other processes hits both.
 jdiff runs as `sample.py --model` does: one XLA device, freed host memory kept for reuse.
 """
 from __future__ import annotations
@@ -70,7 +71,8 @@ def write_model(directory: str) -> None:
   from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=import-outside-toplevel
   from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
-  from make_diffusers_fixtures import write_clip_tokenizer, write_shipped_scheduler  # pylint: disable=import-outside-toplevel
+  from make_diffusers_fixtures import (write_clip_tokenizer,  # pylint: disable=import-outside-toplevel
+                                       write_shipped_scheduler)
   torch.manual_seed(0)
   os.makedirs(directory)
   write_clip_tokenizer(os.path.join(directory, "tokenizer"), WORDS, "<|endoftext|>")

@@ -186,7 +186,8 @@ def test_bfloat16_networks_with_fp32_sampling_stay_close_to_diffusers_fp32(pipes
   assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)} and pipe.config.model.dtype == "bfloat16"
   assert pipe.schedule.sigmas.dtype == jnp.float32
   samples = pipe.generate([str(p) for p in REFS["sd1/pipeline/prompts"]],
-                          negative_prompt=str(REFS["sd1/pipeline/negative"]), latents=nhwc(REFS["sd1/pipeline/latents"]),
+                          negative_prompt=str(REFS["sd1/pipeline/negative"]),
+                          latents=nhwc(REFS["sd1/pipeline/latents"]),
                           sampler="dpmpp_2m", spacing="trailing", steps=10, guidance_scale=7.5)
   assert samples.latents.dtype == np.float32
   images = np.clip(np.asarray(pipes["sd1"].codec.decode(samples.latents)) / 2 + 0.5, 0.0, 1.0)
