@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jdiff import checkpoint, data, sharding
+from jdiff import checkpoint, data, locks, sharding
 from jdiff.config import parse_config
 from jdiff.schedules import make_schedule
 from jdiff.train.step import abstract_train_state, create_train_state, train_step
@@ -31,8 +31,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def train_processes(workdir) -> list[str]:
-  """Runs PROCESSES worker processes of one job and returns their logs; fails with the log of one that fails."""
+def train_processes(workdir, succeed: bool = True) -> list[str]:
+  """Runs PROCESSES worker processes of one job and returns their logs; fails with the log of one that fails
+  (with succeed=False, of one that does not)."""
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JDIFF_COMPILATION_CACHE=os.environ.get(
       "JDIFF_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax")))
@@ -42,7 +43,7 @@ def train_processes(workdir) -> list[str]:
            for i in range(PROCESSES)]
   logs = [p.communicate(timeout=500)[0] for p in procs]
   for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
+    assert (p.returncode == 0) == succeed, f"process {i} exited {p.returncode}:\n{log[-3000:]}"
   return logs
 
 
@@ -80,3 +81,13 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(restored)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
   assert os.path.exists(tmp_path / "samples" / f"step_{STEPS:07d}.png")
+
+
+@pytest.mark.slow
+def test_a_busy_work_dir_stops_every_process_of_a_job(tmp_path):
+  """Process 0 takes the work dir's one lock for the job; when it cannot, every process stops and says why."""
+  with locks.acquire(locks.workdir_lock(str(tmp_path)), "work dir", "wait"):
+    logs = train_processes(tmp_path, succeed=False)
+  assert f"LockedError: work dir {tmp_path} is in use by " in logs[0] and f"(pid {os.getpid()} on host" in logs[0]
+  assert f"LockedError: work dir {tmp_path} is in use: process 0 of this job could not lock it" in logs[1]
+  assert os.listdir(tmp_path) == []

@@ -2,9 +2,9 @@
 
 Every kind of training (the U-Net, the VAE) is a trainer: it parses its config and supplies its state, a pure
 step function, its batches and what to write now and then. The loop owns the rest, the same for all of them:
-multi-process start-up, the mesh, resuming from the latest readable checkpoint (setting damaged ones aside),
-SIGTERM/SIGINT (finish the step, save, return), the non-finite guard, metrics to TensorBoard, periodic checkpoints
-and samples, and the final evaluation.
+multi-process start-up, the work dir's lock (one training job per work dir), the mesh, resuming from the latest
+readable checkpoint (setting damaged ones aside), SIGTERM/SIGINT (finish the step, save, return), the non-finite
+guard, metrics to TensorBoard, periodic checkpoints and samples, and the final evaluation.
 """
 from __future__ import annotations
 
@@ -53,8 +53,14 @@ TrainerFactory = Callable[..., Trainer]  # (config, raw, workdir, mesh, start_st
 
 
 def run(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> TrainResult:
-  """Trains (or resumes) in `workdir` with the trainer that make_trainer builds for the typed `config`."""
+  """Trains (or resumes) in `workdir` with the trainer that make_trainer builds for the typed `config`; raises
+  locks.LockedError, naming the holder, when another process trains in `workdir`."""
   distributed.initialize(config.parallel)
+  with distributed.workdir_lock(workdir):
+    return _train(make_trainer, config, raw, workdir)
+
+
+def _train(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> TrainResult:
   mesh = sharding.make_mesh(fsdp=config.parallel.fsdp)
   tc = config.training
   sharding.check_batch_divides(tc.batch_size, mesh, getattr(tc, "grad_accum_steps", 1))

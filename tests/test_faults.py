@@ -1,0 +1,255 @@
+"""Two processes on one work dir or output file, and unwritable work dirs: each is refused in one line. In-process
+tests form the fast tier; real train.py and sample.py processes (two at once, unusable input end to end) the slow
+tier."""
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jdiff import locks, pipeline
+from jdiff.cli import sample as sample_cli
+from jdiff.cli import train as train_cli
+from jdiff.configs import tiny, vae_digits
+from jdiff.train import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = socket.gethostname()
+
+
+def cli(module, capsys, *args):
+  """Runs a CLI's entry point in this process: (exit status, stdout, stderr)."""
+  with pytest.raises(SystemExit) as exit_:
+    module.run([f"{module.PROGRAM}", *map(str, args)])
+  out, err = capsys.readouterr()
+  return exit_.value.code or 0, out, err
+
+
+def script(name, *args, log=None):
+  """Starts train.py/sample.py from this tree, its output to `log` (a file) or discarded."""
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, name), *map(str, args)], cwd=ROOT, text=True,
+                          stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
+
+
+def run_script(name, *args):
+  """(exit status, stdout, stderr, seconds) of train.py/sample.py run to the end."""
+  start = time.monotonic()
+  done = subprocess.run([sys.executable, os.path.join(ROOT, name), *map(str, args)], cwd=ROOT, text=True,
+                        capture_output=True, timeout=600)
+  return done.returncode, done.stdout, done.stderr, time.monotonic() - start
+
+
+def snapshot(directory) -> dict:
+  """Every file and directory below `directory` with its size and modification time."""
+  found = {}
+  for root, dirs, files in os.walk(directory):
+    for name in dirs + files:
+      stat = os.stat(os.path.join(root, name))
+      found[os.path.relpath(os.path.join(root, name), directory)] = (stat.st_size, stat.st_mtime_ns)
+  return found
+
+
+# ---------------------------------------------------------------- locks
+
+def test_a_held_lock_refuses_others_naming_its_holder_and_leaves_nothing_when_released(tmp_path):
+  path = tmp_path / "new" / "dir" / "out.lock"
+  with locks.acquire(str(path), "the output", "wait for it"):
+    holder = json.loads(path.read_text())
+    assert (holder["pid"], holder["host"]) == (os.getpid(), HOST)
+    named = rf"the output is in use by \S+ \(pid {os.getpid()} on host {HOST}, since {holder['since']}\); wait for it$"
+    with pytest.raises(locks.LockedError, match=named):  # flock: a second open file conflicts, in any process
+      locks.acquire(str(path), "the output", "wait for it")
+    with pytest.raises(locks.LockedError, match=named):
+      locks.check_free(str(path), "the output", "wait for it")
+  assert not (tmp_path / "new").exists()  # the lock file and the directories made for it are gone
+  locks.check_free(str(path), "the output", "wait for it")
+
+
+def test_a_lock_left_by_a_dead_process_does_not_block_with_or_without_flock(tmp_path, monkeypatch):
+  child = subprocess.Popen(["true"])
+  child.wait()  # its pid now names no process
+  path = tmp_path / "jdiff.lock"
+  record = {"program": "train.py", "pid": child.pid, "host": HOST, "since": "2025-01-01 00:00:00"}
+  path.write_text(json.dumps(record))
+  with locks.acquire(str(path), "work dir", "wait"):  # nobody holds its flock
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+
+  def no_flock(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_flock)  # a file system without flock: the file's contents decide
+  path.write_text(json.dumps(record))
+  with locks.acquire(str(path), "work dir", "wait"):  # a dead process of this host: taken over
+    pass
+  for holder in (dict(record, pid=os.getppid()), dict(record, host="elsewhere")):  # alive here / cannot tell
+    path.write_text(json.dumps(holder))
+    with pytest.raises(locks.LockedError, match=rf"work dir is in use by train.py \(pid {holder['pid']} on host "
+                                                rf"{holder['host']}, .* if that process is gone, delete {path}\)"):
+      locks.acquire(str(path), "work dir", "wait")
+
+
+def test_training_into_a_busy_work_dir_is_refused_before_anything_runs(tmp_path, capsys):
+  """Every trainer goes through the loop's lock: the U-Net's, the VAE's; train.py asks before it loads anything."""
+  workdir = tmp_path / "run"
+  with locks.acquire(locks.workdir_lock(str(workdir)), "work dir", "wait"):
+    holder = rf"\S+ \(pid {os.getpid()} on host {HOST}, since [-0-9: ]+\)"
+    for raw in (tiny.get_config(), vae_digits.get_config()):
+      with pytest.raises(locks.LockedError, match=rf"^work dir {workdir} is in use by {holder}; wait for it to "
+                                                  r"finish, stop it, or train in another work dir$"):
+        train_and_evaluate(raw, str(workdir))
+    code, _, err = cli(train_cli, capsys, "--config", "tiny", "--workdir", workdir)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"train.py: error: --workdir={workdir} is in use by ")
+    assert os.listdir(workdir) == ["jdiff.lock"]
+  assert not workdir.exists()
+
+
+def test_sample_py_refuses_an_output_being_written_and_replaces_it_whole_or_not_at_all(tiny_workdir, tmp_path,
+                                                                                       capsys, monkeypatch):
+  out = tmp_path / "grid.png"
+  out.write_bytes(b"the old grid")
+  args = ["--workdir", tiny_workdir, "--num", 2, "--steps", 2, "--out", out, "--overwrite"]
+  with locks.acquire(f"{out}.lock", "the output", "wait"):
+    code, _, err = cli(sample_cli, capsys, *args)
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith(f"sample.py: error: --out='{out}' is in use by ")
+  assert err.endswith("; wait for it to finish or choose another --out\n")
+
+  def fails_midway(samples, path, columns=None):  # a disk that fills up halfway through the file
+    with open(path, "wb") as f:
+      f.write(b"\x89PNG, half of it")
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+  monkeypatch.setattr(pipeline.Samples, "save", fails_midway)
+  code, _, err = cli(sample_cli, capsys, *args)
+  assert code == 2 and "No space left on device" in err and err.count("\n") == 1, err
+  monkeypatch.undo()
+  assert out.read_bytes() == b"the old grid" and os.listdir(tmp_path) == ["grid.png"]
+  code, _, err = cli(sample_cli, capsys, *args)
+  assert code == 0, err
+  assert out.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["grid.png"]
+
+
+# ---------------------------------------------------------------- work dirs that cannot be written
+
+@contextlib.contextmanager
+def read_only(path):
+  """`path` read-only: a read-only bind mount where this runs as root (root writes whatever the permission bits
+  say), its permission bits otherwise."""
+  if os.geteuid() != 0:
+    mode = os.stat(path).st_mode
+    os.chmod(path, 0o555)
+    try:
+      yield
+    finally:
+      os.chmod(path, mode)
+    return
+  mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot make a directory read-only as root here: mount says {mounted.stderr.strip()}")
+  try:
+    yield
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("part", ["run", "run/checkpoints", "parent"])
+def test_train_py_refuses_a_work_dir_it_cannot_write_before_anything_runs(tiny_workdir, tmp_path, capsys, part):
+  """A read-only run (to resume), a run whose checkpoints are read-only, a new work dir in a read-only directory."""
+  shutil.copytree(tiny_workdir, tmp_path / "run")
+  (tmp_path / "parent").mkdir()
+  workdir = tmp_path / ("parent/new" if part == "parent" else "run")
+  with read_only(tmp_path / part):
+    before = snapshot(tmp_path)
+    code, _, err = cli(train_cli, capsys, "--config", "tiny", "--workdir", workdir)
+    assert snapshot(tmp_path) == before
+  assert code == 2 and err == (f"train.py: error: --workdir={str(workdir)!r}: {tmp_path / part} is not writable; "
+                               "choose a directory you can write to\n")
+
+
+# ---------------------------------------------------------------- real processes (slow tier)
+
+def wait_for_lock(path, proc, timeout=300) -> dict:
+  """The record of the lock at `path` once `proc` holds it."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and proc.poll() is None:
+    with contextlib.suppress(FileNotFoundError, ValueError):
+      holder = json.loads(open(path).read())
+      if holder["pid"] == proc.pid:
+        return holder
+    time.sleep(0.05)
+  raise AssertionError(f"{proc.args} did not take {path} (exit status {proc.poll()})")
+
+
+def latest_saved(workdir) -> int:
+  names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
+  return max([int(name) for name in names if name.isdigit()], default=0)
+
+
+@pytest.mark.slow
+def test_a_second_train_py_on_a_busy_work_dir_is_refused_at_once_and_a_dead_ones_lock_does_not_block(tmp_path):
+  workdir = tmp_path / "run"
+  with open(tmp_path / "first.log", "w") as log:
+    first = script("train.py", "--config", "configs/tiny.py", "--workdir", workdir,
+                   "--config.training.num_steps=100000", "--config.training.checkpoint_every=10", log=log)
+  try:
+    holder = wait_for_lock(workdir / "jdiff.lock", first)
+    line = (f"train.py: error: --workdir={workdir} is in use by train.py (pid {first.pid} on host {HOST}, since "
+            f"{holder['since']}); wait for it to finish, stop it, or choose another --workdir\n")
+    for config in ("configs/tiny.py", "configs/vae_digits.py"):  # the same run again; another trainer
+      before = snapshot(workdir)
+      code, _, err, seconds = run_script("train.py", "--config", config, "--workdir", workdir)
+      assert (code, err) == (2, line)
+      assert seconds < 30 and not [name for name in snapshot(workdir) if name not in before
+                                   and not name.startswith("checkpoints")]  # the first one's checkpoints only
+    while latest_saved(workdir) < 10:
+      assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+      time.sleep(0.1)
+  finally:
+    first.kill()
+    first.wait()
+  assert json.loads((workdir / "jdiff.lock").read_text())["pid"] == first.pid  # left behind by the killed one
+  resume_at = latest_saved(workdir)
+  code, _, err, _ = run_script("train.py", "--config", "configs/tiny.py", "--workdir", workdir,
+                               f"--config.training.num_steps={resume_at + 5}")
+  assert code == 0 and f"resuming from checkpoint at step {resume_at}" in err, err[-3000:]
+  assert not (workdir / "jdiff.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_second_sample_py_into_a_file_being_written_is_refused_at_once(tiny_workdir, tmp_path):
+  out = tmp_path / "grid.png"
+  with open(tmp_path / "first.log", "w") as log:
+    first = script("sample.py", "--workdir", tiny_workdir, "--num", 4096, "--steps", 100, "--out", out, log=log)
+  holder = wait_for_lock(f"{out}.lock", first)
+  code, _, err, seconds = run_script("sample.py", "--workdir", tiny_workdir, "--num", 2, "--steps", 2, "--out", out,
+                                     "--overwrite")
+  assert code == 2 and seconds < 30
+  assert err == (f"sample.py: error: --out='{out}' is in use by sample.py (pid {first.pid} on host {HOST}, since "
+                 f"{holder['since']}); wait for it to finish or choose another --out\n")
+  assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+  assert out.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["first.log", "grid.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing config", "work dir is a file", "read-only run"])
+def test_unusable_train_py_input_is_refused_up_front_in_a_real_process(tiny_workdir, tmp_path, case):
+  shutil.copytree(tiny_workdir, tmp_path / "run")
+  (tmp_path / "file").write_text("")
+  config, workdir, line = {
+      "missing config": ("configs/nope.py", tmp_path / "new", "--config='configs/nope.py': no such file, and no "
+                         "bundled config of that name"),
+      "work dir is a file": ("configs/tiny.py", tmp_path / "file", f"--workdir='{tmp_path}/file': {tmp_path}/file "
+                             "is a file, not a directory; choose another --workdir"),
+      "read-only run": ("configs/tiny.py", tmp_path / "run", f"--workdir='{tmp_path}/run': {tmp_path}/run is not "
+                        "writable; choose a directory you can write to")}[case]
+  with read_only(tmp_path / "run"):
+    before = snapshot(tmp_path)
+    code, _, err, _ = run_script("train.py", "--config", config, "--workdir", workdir)
+    assert snapshot(tmp_path) == before
+  assert code == 2 and err.startswith(f"train.py: error: {line}") and err.count("\n") == 1, err
