@@ -1,10 +1,11 @@
-"""Two processes on one work dir or output file, and unwritable work dirs: each is refused in one line. In-process
-tests form the fast tier; real train.py and sample.py processes (two at once, unusable input end to end) the slow
-tier."""
+"""Two processes on one work dir or output file, silent corruption and unwritable work dirs: each is refused, or
+reported, in one line. In-process tests form the fast tier; real train.py and sample.py processes (two at once,
+unusable input end to end) the slow tier."""
 import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -12,9 +13,15 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jdiff import locks, pipeline
+import jdiff
+from jdiff import checkpoint, checksums, locks, pipeline
 from jdiff.cli import sample as sample_cli
 from jdiff.cli import train as train_cli
 from jdiff.configs import tiny, vae_digits
@@ -133,6 +140,63 @@ def test_sample_py_refuses_an_output_being_written_and_replaces_it_whole_or_not_
   code, _, err = cli(sample_cli, capsys, *args)
   assert code == 0, err
   assert out.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["grid.png"]
+
+
+# ---------------------------------------------------------------- checksums
+
+def reference_checksum(x: np.ndarray) -> str:
+  """jdiff/checksums.py's sum as it is written there, over the whole array at once in numpy's wrapping uint64."""
+  bits = x.reshape(-1).view(np.uint8 if x.dtype == bool else f"u{x.dtype.itemsize}").astype(np.uint64)
+  weights = np.arange(bits.size, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+  return f"{int((bits * weights).sum(dtype=np.uint64)):016x}"
+
+
+def test_checksums_are_the_documented_sum_and_change_with_one_or_two_flipped_bits():
+  rng = np.random.default_rng(0)
+  values = rng.normal(size=(37, 5)) * 100
+  arrays = [values.astype(np.float32), np.asarray(jnp.asarray(values, jnp.bfloat16)), values.astype(np.int8),
+            values > 0, np.float32(2.5), np.zeros((0, 3), np.float32),
+            rng.normal(size=3 * checksums.BLOCK + 5).astype(np.float32)]  # blocks, and a part of one
+  assert checksums.of_leaves([jnp.asarray(x) for x in arrays]) == [reference_checksum(x) for x in arrays]
+
+  words = arrays[0].view(np.uint32)
+  original = reference_checksum(words)
+  for flips in [1] * 300 + [2] * 300:
+    damaged = words.copy()
+    for i in rng.choice(words.size, flips, replace=False):
+      damaged.flat[i] ^= np.uint32(1 << int(rng.integers(32)))
+    assert reference_checksum(damaged) != original
+  swapped = words.copy()
+  swapped.flat[[3, 90]] = swapped.flat[[90, 3]]
+  assert reference_checksum(swapped) != original
+
+
+@pytest.mark.multidevice
+def test_checksums_do_not_depend_on_the_sharding():
+  mesh = jax.make_mesh((4, 2), ("a", "b"))
+  x = np.random.default_rng(1).normal(size=(8, 12, 10)).astype(np.float32)
+  specs = [P("a"), P(None, "b"), P("a", None, "b"), P(None, "a", "b"), P(("a", "b"))]
+  sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for spec in specs]
+  assert checksums.of_leaves(sharded) == [reference_checksum(x)] * len(specs)
+
+
+def test_a_changed_config_is_unreadable_and_a_checkpoint_without_checksums_loads_unverified(tiny_workdir, tmp_path,
+                                                                                             caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_workdir, workdir)
+  config_file = workdir / "checkpoints" / "20" / "config" / "metadata"
+  text = config_file.read_text()
+  assert '"learning_rate": 0.001' in text
+  config_file.write_text(text.replace('"learning_rate": 0.001', '"learning_rate": 0.002'))  # same size
+  with pytest.raises(checkpoint.UnreadableCheckpointError, match=rf"checkpoint {workdir}/checkpoints/20 is "
+                                                                 r"unreadable \(its config differs from the checksum"):
+    jdiff.load(str(workdir), step=20)
+  assert jdiff.load(str(workdir)).step == 10
+
+  shutil.rmtree(workdir / "checkpoints" / "10" / "checksums")  # as a jdiff before checksums saved it
+  with caplog.at_level(logging.WARNING):
+    assert jdiff.load(str(workdir), step=10).step == 10
+  assert f"checkpoint {workdir}/checkpoints/10 has no checksums (an older jdiff saved it)" in caplog.text
 
 
 # ---------------------------------------------------------------- work dirs that cannot be written

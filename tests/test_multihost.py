@@ -74,7 +74,8 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   saved = checkpoint.restore_config(manager, STEPS)["parallel"]
   assert (saved["fsdp"], saved["num_processes"]) == (4, PROCESSES)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  restored = checkpoint.restore_state(manager, STEPS, sharding.abstract_with_sharding(
+  # Restored onto one device, and checked against the checksums the two processes' shards added up to.
+  restored = checkpoint.restore_checked(manager, STEPS, sharding.abstract_with_sharding(
       abstract_train_state(config), jax.tree_util.tree_map(lambda _: device, abstract_train_state(config))))
   assert int(restored.step) == STEPS
   # Same maths in another summation order (see test_scale.py for the tolerance).
