@@ -8,17 +8,21 @@ crash mid-save leaves no directory that looks finished (the training manager rem
 checkpoint also holds the checksums of its arrays and of its config (jdiff/checksums.py). Restoring checks the
 stored shapes and dtypes against the expected state first (orbax itself would cast dtypes silently), then the
 restored values against the checksums; `restore_latest` falls back from an unreadable (corrupt, truncated,
-checksum-failing) checkpoint to the one before it.
+checksum-failing) checkpoint to the one before it. A save that fails (a full disk) is a CheckpointSaveError
+naming the step, the path, the cause and the last good checkpoint, with the partial files removed (`Saver`).
 """
 from __future__ import annotations
 
-import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
+import shutil
 from typing import Any, Callable, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -36,6 +40,10 @@ class CheckpointError(RuntimeError):
 
 class UnreadableCheckpointError(CheckpointError):
   """A checkpoint's files are missing, truncated or corrupt."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written (a full disk, say)."""
 
 
 class IncompatibleCheckpointError(ConfigError):
@@ -62,20 +70,87 @@ def latest_step(workdir: str) -> int | None:
   return make_manager(workdir, create=False).latest_step()
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, raw_config: dict) -> None:
-  """Saves `state` and `raw_config` as step `step`, with their checksums."""
-  sums = {"state": dict(zip(_leaf_names(state), checksums.of_leaves(state))), "config": config_checksum(raw_config)}
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(raw_config),
-                                             checksums=ocp.args.JsonSave(sums)))
+class Saver:
+  """Writes a run's checkpoints, each in the background (orbax) and with the checksums of its arrays and config.
+
+  A save that fails is reported at the first look after it fails: `check` (called after every training step),
+  the next `save`, or the end of the `with` block, which waits for the save in flight. The report is one
+  CheckpointSaveError naming the step, the path, the cause and the last good checkpoint, raised once the failed
+  save's partial files are removed.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self._pending: int | None = None
+
+  def __enter__(self) -> Saver:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.wait()
+
+  def save(self, step: int, state, raw_config: dict) -> None:
+    self.wait()
+    sums = {"state": dict(zip(_leaf_names(state), checksums.of_leaves(state))), "config": config_checksum(raw_config)}
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      config=ocp.args.JsonSave(raw_config),
+                                                      checksums=ocp.args.JsonSave(sums)))
+    except Exception as e:  # Orbax raises many types (OSError, tensorstore's ValueError) for one cause.
+      self._failed(e)
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError if the save in flight has failed; returns at once while it is running. In a
+    multi-process job all processes call it after the same step, and look at the save once it has finished on
+    all of them, so that they stop at the same step."""
+    if self._pending is not None and _on_every_process(not self.manager.is_saving_in_progress()):
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight; raises CheckpointSaveError if it failed."""
+    if self._pending is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._failed(e)
+    self._pending = None
+
+  def _failed(self, error: Exception):
+    step, self._pending = self._pending, None
+    directory = str(self.manager.directory)
+    if jax.process_index() == 0:
+      for partial in glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(partial, ignore_errors=True)
+    self.manager.reload()
+    good = [s for s in self.manager.all_steps() if s != step]
+    last = (f"the last good checkpoint is {os.path.join(directory, str(max(good)))}" if good
+            else "there is no earlier checkpoint")
+    raise CheckpointSaveError(
+        f"could not save the checkpoint of step {step} to {os.path.join(directory, str(step))}: {save_cause(error)}; "
+        f"its partial files are removed and {last}. Fix the cause (free disk space, say) and rerun the same "
+        "command to resume") from error
 
 
-@contextlib.contextmanager
-def finishing(manager: ocp.CheckpointManager):
-  """Waits for in-flight (asynchronous) saves on the way out, also when training stops with an error."""
-  try:
-    yield manager
-  finally:
-    manager.wait_until_finished()
+def _on_every_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def save_cause(error: BaseException) -> str:
+  """The operating system's reason for a failed save where one is known (orbax wraps OSErrors in tensorstore's
+  ValueErrors), else the error's first line."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return os.strerror(seen.errno)
+    seen = seen.__cause__ or seen.__context__
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  if code:
+    return os.strerror(int(code.group(1)))
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def config_checksum(raw_config: dict) -> str:

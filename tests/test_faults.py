@@ -1,13 +1,15 @@
-"""Two processes on one work dir or output file, silent corruption and unwritable work dirs: each is refused, or
-reported, in one line. In-process tests form the fast tier; real train.py and sample.py processes (two at once,
-unusable input end to end) the slow tier."""
+"""Two processes on one work dir or output file, silent corruption, a full disk and unwritable work dirs: each is
+refused, or reported, in one line. In-process tests form the fast tier; real train.py and sample.py processes (two
+at once, a tmpfs that fills up, SIGTERM's grace, unusable input end to end) the slow tier."""
 import contextlib
 import errno
 import fcntl
 import json
 import logging
 import os
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,10 +27,11 @@ from jdiff import checkpoint, checksums, locks, pipeline
 from jdiff.cli import sample as sample_cli
 from jdiff.cli import train as train_cli
 from jdiff.configs import tiny, vae_digits
-from jdiff.train import train_and_evaluate
+from jdiff.train import loop, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = socket.gethostname()
+TINY_GRACE_S = 30  # docs/reliability.md: the tiny config's SIGTERM-to-exit, with room for a loaded machine
 
 
 def cli(module, capsys, *args):
@@ -199,6 +202,54 @@ def test_a_changed_config_is_unreadable_and_a_checkpoint_without_checksums_loads
   assert f"checkpoint {workdir}/checkpoints/10 has no checksums (an older jdiff saved it)" in caplog.text
 
 
+# ---------------------------------------------------------------- a full disk
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+  """Writes that would make any file of this process larger than `nbytes` fail with EFBIG ("File too large"): a
+  disk that fills up, at the file-writing layer, without root."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
+  resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_failed_save_is_noticed_without_waiting_for_it_named_and_its_files_removed(tiny_run, tmp_path):
+  directory = tmp_path / "checkpoints"
+  manager = checkpoint.make_manager(str(tmp_path))
+  with checkpoint.Saver(manager) as saver:
+    saver.save(10, tiny_run.state, tiny_run.config)
+    saver.wait()
+    with file_size_limit(64 * 1024), pytest.raises(checkpoint.CheckpointSaveError) as error:
+      saver.save(20, tiny_run.state, tiny_run.config)  # in the background: the data files outgrow the limit
+      deadline = time.monotonic() + 120
+      while time.monotonic() < deadline:  # the training loop's look after each step
+        saver.check()
+        time.sleep(0.01)
+  assert str(error.value) == (
+      f"could not save the checkpoint of step 20 to {directory}/20: File too large; its partial files are removed "
+      f"and the last good checkpoint is {directory}/10. Fix the cause (free disk space, say) and rerun the same "
+      "command to resume")
+  assert os.listdir(directory) == ["10"]
+  assert checkpoint.make_manager(str(tmp_path), create=False).all_steps() == [10]
+
+
+def test_a_file_training_cannot_write_stops_it_naming_the_file_and_the_last_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "samples").write_text("")  # where the sample grids go: a file, not a directory
+  raw = tiny.get_config()
+  raw.training.update(num_steps=2, checkpoint_every=2)
+  with pytest.raises(loop.FileSystemError, match=rf"^training stopped: \[Errno 17\] File exists: '{workdir}/samples'; "
+                                                 rf"the last checkpoint is {workdir}/checkpoints/2\. Fix the cause"):
+    train_and_evaluate(raw, str(workdir))
+  assert not (workdir / "jdiff.lock").exists()
+
+
 # ---------------------------------------------------------------- work dirs that cannot be written
 
 @contextlib.contextmanager
@@ -300,6 +351,39 @@ def test_a_second_sample_py_into_a_file_being_written_is_refused_at_once(tiny_wo
   assert out.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["first.log", "grid.png"]
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 6 MB tmpfs (one tiny checkpoint fits, two do not), mounted for the test."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the fast tier's file size limit stands in")
+  yield disk
+  subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_train_py_on_a_full_disk_stops_at_once_in_one_line_and_resumes_once_there_is_room(small_disk):
+  workdir = small_disk / "run"
+  args = ["--config", "configs/tiny.py", "--workdir", workdir, "--config.training.num_steps=300",
+          "--config.training.checkpoint_every=50", "--config.training.log_every=1"]
+  code, _, err, _ = run_script("train.py", *args)
+  progress = [line for line in err.splitlines() if line.startswith(("step ", "U-Net with "))]
+  assert code == 1 and err.splitlines()[len(progress):] == [
+      f"train.py: error: could not save the checkpoint of step 100 to {workdir}/checkpoints/100: No space left on "
+      f"device; its partial files are removed and the last good checkpoint is {workdir}/checkpoints/50. Fix the "
+      "cause (free disk space, say) and rerun the same command to resume"], err[-3000:]
+  last_step = int(progress[-1].split()[1].split("/")[0])
+  assert last_step < 150  # stopped before the next save, where the failure used to come out
+  assert os.listdir(workdir / "checkpoints") == ["50"] and not (workdir / "jdiff.lock").exists()
+
+  subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+  code, _, err, _ = run_script("train.py", *args)
+  assert code == 0 and "resuming from checkpoint at step 50" in err, err[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing config", "work dir is a file", "read-only run"])
 def test_unusable_train_py_input_is_refused_up_front_in_a_real_process(tiny_workdir, tmp_path, case):
@@ -317,3 +401,21 @@ def test_unusable_train_py_input_is_refused_up_front_in_a_real_process(tiny_work
     code, _, err, _ = run_script("train.py", "--config", config, "--workdir", workdir)
     assert snapshot(tmp_path) == before
   assert code == 2 and err.startswith(f"train.py: error: {line}") and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_sigterm_ends_train_py_within_its_documented_grace(tmp_path):
+  """docs/reliability.md gives the grace period per config; the tiny config's, with room for a loaded machine."""
+  with open(tmp_path / "log", "w") as log:
+    proc = script("train.py", "--config", "configs/tiny.py", "--workdir", tmp_path / "run",
+                  "--config.training.num_steps=100000", "--config.training.log_every=1", log=log)
+  deadline = time.monotonic() + 300
+  while (tmp_path / "log").read_text().count("\nstep ") < 5:
+    assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+    time.sleep(0.05)
+  sent = time.monotonic()
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  assert time.monotonic() - sent < TINY_GRACE_S
+  assert "stopped by SIGTERM after step" in (tmp_path / "log").read_text()
+

@@ -77,18 +77,19 @@ def main(argv, fv: flags.FlagValues):
   runtime.tune_cpu_process(cpu_devices=1 if multi_process else fv.cpu_devices,
                            micro_batch=tc.batch_size // tc.grad_accum_steps, fsdp=config.parallel.fsdp,
                            keep_host_memory=fv.keep_host_memory)
-  from jdiff.checkpoint import CheckpointError
+  from jdiff.checkpoint import CheckpointError, CheckpointSaveError
   from jdiff.data import DatasetUnavailableError
   from jdiff.train import train_and_evaluate
   from jdiff.train.faults import NonFiniteError
+  from jdiff.train.loop import FileSystemError
   try:
     result = train_and_evaluate(raw, fv.workdir)
+  except (NonFiniteError, CheckpointSaveError, FileSystemError, OSError) as e:  # OSError: before training starts
+    logging.flush()
+    runtime.fail(PROGRAM, e, status=1)
   except (ConfigError, DatasetUnavailableError, CheckpointError, locks.LockedError) as e:
     logging.flush()
     runtime.fail(PROGRAM, e)
-  except NonFiniteError as e:
-    logging.flush()
-    runtime.fail(PROGRAM, e, status=1)
   report(result, is_vae_config(raw))
 
 
