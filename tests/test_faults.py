@@ -338,17 +338,25 @@ def test_a_second_train_py_on_a_busy_work_dir_is_refused_at_once_and_a_dead_ones
 
 @pytest.mark.slow
 def test_a_second_sample_py_into_a_file_being_written_is_refused_at_once(tiny_workdir, tmp_path):
+  """...and the lock the first one leaves when it is killed blocks nobody."""
   out = tmp_path / "grid.png"
-  with open(tmp_path / "first.log", "w") as log:
-    first = script("sample.py", "--workdir", tiny_workdir, "--num", 4096, "--steps", 100, "--out", out, log=log)
-  holder = wait_for_lock(f"{out}.lock", first)
-  code, _, err, seconds = run_script("sample.py", "--workdir", tiny_workdir, "--num", 2, "--steps", 2, "--out", out,
-                                     "--overwrite")
+  with open(tmp_path / "first.log", "w") as log:  # far more images than it makes before it is killed
+    first = script("sample.py", "--workdir", tiny_workdir, "--num", 100000, "--steps", 100, "--out", out, log=log)
+  try:
+    holder = wait_for_lock(f"{out}.lock", first)
+    code, _, err, seconds = run_script("sample.py", "--workdir", tiny_workdir, "--num", 2, "--steps", 2, "--out",
+                                       out, "--overwrite")
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+  finally:
+    first.kill()
+    first.wait()
   assert code == 2 and seconds < 30
   assert err == (f"sample.py: error: --out='{out}' is in use by sample.py (pid {first.pid} on host {HOST}, since "
                  f"{holder['since']}); wait for it to finish or choose another --out\n")
-  assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
-  assert out.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["first.log", "grid.png"]
+  assert sorted(os.listdir(tmp_path)) == ["first.log", "grid.png.lock"]  # the killed one's lock, no output
+  code, _, err, _ = run_script("sample.py", "--workdir", tiny_workdir, "--num", 2, "--steps", 2, "--out", out)
+  assert code == 0, err[-3000:]
+  assert out.read_bytes().startswith(b"\x89PNG") and sorted(os.listdir(tmp_path)) == ["first.log", "grid.png"]
 
 
 @pytest.fixture
