@@ -255,9 +255,9 @@ def _verify(manager: ocp.CheckpointManager, step: int, restored) -> None:
   computed = dict(zip(_leaf_names(restored), checksums.of_leaves(restored)))
   bad = [name for name, value in computed.items() if stored["state"].get(name) != value]
   if bad:
-    others = f" and {len(bad) - 1} other arrays" if len(bad) > 1 else ""
+    which = f"{bad[0]} and {len(bad) - 1} other arrays differ" if len(bad) > 1 else f"{bad[0]} differs"
     raise UnreadableCheckpointError(f"checkpoint {step_path(manager, step)} is unreadable (checksum mismatch: "
-                                    f"{bad[0]}{others} differ from what was saved)")
+                                    f"{which} from what was saved)")
 
 
 def unreadable(path: str, error: BaseException) -> UnreadableCheckpointError:

@@ -31,7 +31,7 @@ from jdiff.train import loop, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = socket.gethostname()
-TINY_GRACE_S = 30  # docs/reliability.md: the tiny config's SIGTERM-to-exit, with room for a loaded machine
+TINY_GRACE_S = 120  # docs/reliability.md: twice the tiny config's slowest SIGTERM-to-exit on a loaded machine
 
 
 def cli(module, capsys, *args):
