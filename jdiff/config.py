@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from typing import Any, Mapping
 
 from jdiff import diffusion, samplers, schedules
@@ -138,6 +139,7 @@ class SamplingConfig:
 
 
 DISTRIBUTED_MODES = ("auto", "on", "off")
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +170,12 @@ class ParallelConfig:
     _check(self.process_id is None or (_is_int(self.process_id) and self.process_id >= 0
                                        and (self.num_processes is None or self.process_id < self.num_processes)),
            "process_id", self.process_id, f"None or an integer in [0, num_processes={self.num_processes})")
+
+  def multi_process(self) -> bool:
+    """Whether this process joins a multi-process job (see `distributed`; 'auto' also reads JAX_COORDINATOR_ADDRESS)."""
+    if self.distributed == "auto":
+      return bool(self.coordinator_address or os.environ.get(COORDINATOR_ENV))
+    return self.distributed == "on"
 
 
 @dataclasses.dataclass(frozen=True)
