@@ -124,19 +124,24 @@ def latest_saved(workdir) -> int:
 
 
 def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
-  before = signal.getsignal(signal.SIGTERM)
-  with faults.StopRequest() as stop:
-    assert stop.requested is None
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.01)
-    assert stop.requested == "SIGTERM"
-  assert signal.getsignal(signal.SIGTERM) is before
-  with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C acts at once
+  # Python's own Ctrl-C handler, also where pytest was started in the background (with SIGINT ignored).
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    before = signal.getsignal(signal.SIGTERM)
     with faults.StopRequest() as stop:
-      signal.raise_signal(signal.SIGINT)
-      assert stop.requested == "SIGINT"
-      signal.raise_signal(signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+      assert stop.requested is None
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.01)
+      assert stop.requested == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C acts at once
+      with faults.StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested == "SIGINT"
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, inherited)
 
 
 # ---------------------------------------------------------------- checkpoints
