@@ -15,7 +15,9 @@ Hutchinson's estimate v.(v - dD/dx v) with Rademacher probes v (one per solve, f
 the Jacobian for small dimensions. Dequantised 8-bit data, x0 plus uniform noise over its bin, bounds the discrete
 likelihood: -log P(pixels) <= -log p(x0 + u) - dim log(2/255) on average over u.
 
-Both take `model_fn(x_t, t, cond)` and a Schedule, as the samplers do, and return nats or bits per example.
+Both take `model_fn(x_t, t, cond)` and a Schedule, as the samplers do, and return nats or bits per example. A
+model_fn that is a jax.tree_util.Partial holding the network's parameters passes them to the compiled programs as
+arguments, so they are not baked in as constants.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr
+from jax.tree_util import Partial
 
 from jdiff import diffusion
 from jdiff.schedules import Schedule, sigma_to_t
@@ -106,7 +109,7 @@ def vlb_nats(model_fn, schedule: Schedule, x0, cond=None, *, rng, prediction: st
     weights = jnp.broadcast_to(jnp.asarray(np.diff(edges), jnp.float32), (batch, timesteps))
   steps = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), steps.astype(jnp.int32)], axis=1)
   weights = jnp.concatenate([jnp.ones((batch, 1)), weights], axis=1)
-  total = prior_kl(schedule, x0)
+  model_fn, total = _traceable(model_fn), prior_kl(schedule, x0)
   for start in range(0, steps.shape[1], chunk):
     rng, key = jax.random.split(rng)
     total = total + _vlb_chunk(model_fn, schedule, x0, cond, steps[:, start:start + chunk],
@@ -114,7 +117,12 @@ def vlb_nats(model_fn, schedule: Schedule, x0, cond=None, *, rng, prediction: st
   return total
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("prediction", "variance"))
+def _traceable(model_fn) -> Partial:
+  """model_fn as a pytree the compiled functions take as an argument: its parameters, if any, as leaves."""
+  return model_fn if isinstance(model_fn, Partial) else Partial(model_fn)
+
+
+@functools.partial(jax.jit, static_argnames=("prediction", "variance"))
 def _vlb_chunk(model_fn, schedule, x0, cond, steps, weights, key, *, prediction, variance):
   """sum_j weights[:, j] * term(steps[:, j]) per example, the steps of a chunk run one after another."""
   def body(total, column):
@@ -149,10 +157,11 @@ def ode_log_likelihood(model_fn, schedule: Schedule, x0, cond=None, *, predictio
   if not exact_trace and rng is None:
     raise ValueError("Hutchinson's estimator needs rng (or pass exact_trace=True)")
   probe = None if exact_trace else jax.random.rademacher(rng, x0.shape, jnp.float32)
-  return _ode(model_fn, schedule, x0.astype(jnp.float32), cond, probe, prediction=prediction, steps=steps)
+  return _ode(_traceable(model_fn), schedule, x0.astype(jnp.float32), cond, probe, prediction=prediction,
+              steps=steps)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("prediction", "steps"))
+@functools.partial(jax.jit, static_argnames=("prediction", "steps"))
 def _ode(model_fn, schedule, x0, cond, probe, *, prediction, steps):
   denoise = _denoiser(model_fn, schedule, cond, prediction)
   dims = math.prod(x0.shape[1:])
