@@ -3,8 +3,8 @@
 Every kind of training (the U-Net, the VAE) is a trainer: it parses its config and supplies its state, a pure
 step function, its batches and what to write now and then. The loop owns the rest, the same for all of them:
 multi-process start-up, the mesh, resuming from the latest readable checkpoint (setting damaged ones aside),
-SIGTERM/SIGINT (finish the step, save, return), the non-finite guard, metrics to TensorBoard, periodic checkpoints
-and samples, and the final evaluation.
+SIGTERM/SIGINT (finish the step, save, return), the non-finite guard, metrics to TensorBoard, periodic checkpoints,
+samples and evaluations, and the final evaluation.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class Trainer(Protocol):
   def prepare(self, batch: dict, step: int) -> dict: ...  # on the devices, before the step (e.g. to latents)
   def write_samples(self, state: TrainState, step: int, writer) -> None: ...
   def finish(self, state: TrainState, step: int, writer) -> None: ...
+  # Optional: evaluate(state, step, writer), called every training.eval_every steps.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,8 @@ def run(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> TrainR
         break
       if (tc.sample_every and done % tc.sample_every == 0) or done == tc.num_steps:
         trainer.write_samples(state, done, writer)
+      if tc.eval_every and done % tc.eval_every == 0 and hasattr(trainer, "evaluate"):
+        trainer.evaluate(state, done, writer)
     else:
       if start < tc.num_steps:
         trainer.finish(state, tc.num_steps, writer)
