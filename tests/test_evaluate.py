@@ -84,3 +84,18 @@ def test_evaluate_cli_reports_distances_and_bits_per_dim(network, tiny_workdir, 
 def test_evaluate_cli_rejects_bad_options_with_one_line(tiny_workdir, capsys, args, message):
   code, _, err = cli(evaluate_cli, capsys, "--workdir", tiny_workdir, *args)
   assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_training_logs_the_distance_every_eval_every_steps(network, tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  from jdiff.configs import tiny
+  from jdiff.train import train_and_evaluate
+  raw = tiny.get_config()
+  raw.training.update(num_steps=2, checkpoint_every=2, eval_every=1, eval_samples=8)
+  train_and_evaluate(raw, str(tmp_path))
+  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  events.Reload()
+  logged = events.Tensors("eval/fd_sklearn_digits_features")
+  assert [e.step for e in logged] == [1, 2]
+  assert all(0 < float(tensor_util.make_ndarray(e.tensor_proto)) < 1e4 for e in logged)
