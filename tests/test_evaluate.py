@@ -57,14 +57,15 @@ def test_training_evaluation_is_the_distance_of_the_checkpoints_samples(network,
 
 def test_evaluate_cli_reports_distances_and_bits_per_dim(network, tiny_workdir, tmp_path, capsys):
   out = tmp_path / "eval.json"
-  code, stdout, err = cli(evaluate_cli, capsys, "--workdir", tiny_workdir, "--metric", "fd,kd,bpd", "--num", 12,
-                          "--steps", 3, "--likelihood_num", 6, "--vlb_timesteps", 5, "--out", out)
+  code, stdout, err = cli(evaluate_cli, capsys, "--workdir", tiny_workdir, "--metric", "fd,kd,bpd,ode_bpd", "--num", 12,
+                          "--steps", 3, "--likelihood_num", 6, "--vlb_timesteps", 5, "--ode_steps", 4, "--out", out)
   assert code == 0, err
   results = json.loads(out.read_text())
   assert f"fd: {results['fd']:.4g}  [Fréchet distance on sklearn_digits features]" in stdout
   assert results["fd"] > 0 and results["kd_std"] > 0 and results["num"] == 12
   # An untrained-looking model on 8x8 digits: far worse than 8 bits per dimension, and finite.
   assert 8 < results["bpd"] < 100 and results["bpd_standard_error"] > 0
+  assert 0 < results["ode_bpd"] < 100 and f"ode_bpd: {results['ode_bpd']:.4g}" in stdout
   reference = tmp_path / "ref.npz"
   code, stdout, err = cli(evaluate_cli, capsys, "--workdir", tiny_workdir, "--write_reference", reference)
   assert code == 0, err

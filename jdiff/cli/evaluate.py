@@ -145,7 +145,7 @@ def evaluate(pipe, names: list[str]) -> dict:
                                  vlb_timesteps=_VLB_TIMESTEPS.value or None, vlb_variance=_VLB_VARIANCE.value,
                                  ode_steps=_ODE_STEPS.value)
       results[name], results[f"{name}_standard_error"] = float(bpd.mean()), float(bpd.std(ddof=1) / len(bpd) ** 0.5)
-  return {k: v for k, v in results.items() if k.split("_")[0] in names or k.endswith(("features", "per_image"))}
+  return results
 
 
 def write_reference(pipe) -> str:
