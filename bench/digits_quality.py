@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jdiff  # noqa: E402
-from jdiff import evaluation  # noqa: E402
+from jdiff.metrics import digits as evaluation  # noqa: E402
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
   parser.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--samplers", default="ddim")
   parser.add_argument("--steps", default="20")
-  parser.add_argument("--guidance", default="3")
+  parser.add_argument("--guidance_scale", default="3")
   parser.add_argument("--spacing", default=None, help="timestep spacing or karras (default: the config's)")
   parser.add_argument("--num", type=int, default=500, help="samples per row, cycling through the classes")
   parser.add_argument("--seed", type=int, default=1000, help="first seed (the training-time grids use 0..)")
@@ -38,9 +38,9 @@ def main():
   print(f"| real test digits | - | - | {evaluation.digit_accuracy(real, labels, classifier):.3f} | - |")
   for sampler in args.samplers.split(","):
     for steps in map(int, args.steps.split(",")):
-      for guidance in map(float, args.guidance.split(",")):
+      for guidance in map(float, args.guidance_scale.split(",")):
         acc, seconds = evaluation.sample_accuracy(pipe, classifier, num=args.num, seed=args.seed, sampler=sampler,
-                                                  steps=steps, guidance=guidance, spacing=args.spacing)
+                                                  steps=steps, guidance_scale=guidance, spacing=args.spacing)
         print(f"| {sampler} | {steps} | {guidance:g} | {acc:.3f} | {seconds:.2f} |", flush=True)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jdiff  # noqa: E402
-from jdiff import evaluation  # noqa: E402
+from jdiff.metrics import digits as evaluation  # noqa: E402
 
 
 def main():
@@ -32,7 +32,8 @@ def main():
   for steps in map(int, args.steps.split(",")):
     for refine in map(int, args.refine.split(",")):
       noise = pipe.invert(images, label=labels, steps=steps, refine=refine)
-      back = pipe.decode(noise, label=labels, steps=steps)
+      back = pipe.generate(latents=noise, label=labels, steps=steps, sampler="ddim", eta=0.0,
+                           guidance_scale=1.0).images
       error = np.abs(back.astype(np.float64) - images)
       print(f"| {steps} | {refine} | {error.mean():.2f} | {error.max():.0f} |", flush=True)
 

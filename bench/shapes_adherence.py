@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jdiff  # noqa: E402
-from jdiff import adherence  # noqa: E402
+from jdiff.metrics import shapes as adherence  # noqa: E402
 from jdiff.data import resize_images, shapes  # noqa: E402
 
 
@@ -61,8 +61,8 @@ def main():
   for guidance in map(float, args.guidance.split(",")):
     for name, (prompts, colours, kinds) in sets.items():
       start = time.perf_counter()
-      samples = pipe.generate(len(prompts), prompt=prompts, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                              guidance=guidance)
+      samples = pipe.generate(prompts, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                              guidance_scale=guidance)
       seconds = f"{time.perf_counter() - start:.1f}"
       print(row(name, f"{guidance:g}", adherence.accuracy(samples.images, colours, kinds), seconds), flush=True)
 

@@ -67,6 +67,7 @@ class DiffusionConfig:
   prediction: str = "eps"
   min_snr_gamma: float = 0.0  # 0 = L_simple; e.g. 5.0 = min-SNR-5 weighting
   label_dropout: float = 0.1  # share of labels replaced by the null class, for classifier-free guidance
+  zero_terminal_snr: bool = False  # rescale the schedule so its last timestep is pure noise (Lin et al., 2024)
 
   def __post_init__(self):
     _check_choice("schedule", self.schedule, schedules.SCHEDULE_NAMES)
@@ -74,6 +75,12 @@ class DiffusionConfig:
     _check(self.num_timesteps >= 2, "num_timesteps", self.num_timesteps, "an integer >= 2")
     _check(self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma, ">= 0 (0 disables it)")
     _check(0 <= self.label_dropout < 1, "label_dropout", self.label_dropout, "in [0, 1)")
+    _check(isinstance(self.zero_terminal_snr, bool), "zero_terminal_snr", self.zero_terminal_snr, "True or False")
+    _check(not (self.zero_terminal_snr and self.prediction == "eps"), "zero_terminal_snr", self.zero_terminal_snr,
+           "False with prediction 'eps' (pure noise says nothing about x0 through eps): predict 'v' or 'x0'")
+
+  def make_schedule(self) -> schedules.Schedule:
+    return schedules.make_schedule(self.schedule, self.num_timesteps, zero_terminal_snr=self.zero_terminal_snr)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 from jdiff import build, checkpoint, generate as gen, images as imaging, latent, samplers, sharding
 from jdiff.config import Config, ConfigError, is_vae_config, parse_config
 from jdiff.models.unet import UNet
-from jdiff.schedules import Schedule, make_schedule
+from jdiff.schedules import Schedule
 
 Progress = Callable[[int, int], None]
 
@@ -83,7 +83,7 @@ class Pipeline:
 
   @functools.cached_property
   def schedule(self) -> Schedule:
-    return make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
+    return self.config.diffusion.make_schedule()
 
   @property
   def is_text_model(self) -> bool:

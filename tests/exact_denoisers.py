@@ -56,3 +56,18 @@ def as_model_fn(x0_fn, schedule, prediction):
     out = {"x0": x0, "eps": eps, "v": diffusion.v_from_x0_eps(x0=x0, eps=eps, alpha_bar=alpha_bar)}
     return out[prediction].reshape(x_t.shape)
   return model_fn
+
+
+def gaussian_vp_model_fn(schedule, prediction, *, mean, cov):
+  """model_fn for x0 ~ N(mean, cov) written in the variance-preserving scale, so that it holds where abar is 0 too
+  (zero terminal SNR: there x0's estimate is the mean and the noise's is x_t itself); x_t [B, D]."""
+  lam, u = (jnp.asarray(a, jnp.float32) for a in np.linalg.eigh(np.asarray(cov, np.float64)))
+  mean = jnp.asarray(mean, jnp.float32)
+
+  def model_fn(x_t, t, cond):
+    abar = (1.0 / (1.0 + schedules.t_to_sigma(schedule, t) ** 2))[:, None]
+    gain = jnp.sqrt(abar) * lam / (abar * lam + 1.0 - abar)
+    x0 = mean + ((x_t - jnp.sqrt(abar) * mean) @ u * gain) @ u.T
+    eps = (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+    return {"x0": x0, "eps": eps, "v": jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * x0}[prediction]
+  return model_fn

@@ -37,8 +37,14 @@ print(count("cache_hits"), count("cache_misses"))
 """
 
 
+def with_devices(count: int) -> str:
+  """This process's XLA flags with the CPU device count set to `count`."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
+
+
 def compile_in_fresh_process(cache_dir) -> tuple[int, int]:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=with_devices(2))
   out = subprocess.run([sys.executable, "-c", COMPILE_TRAIN_STEP, str(cache_dir)], env=env, capture_output=True,
                        text=True, check=True).stdout.split()
   return int(out[0]), int(out[1])

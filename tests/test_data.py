@@ -64,14 +64,15 @@ def test_same_seed_same_batches_other_seed_other_batches(data_dir):
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
-  assert not np.array_equal(first[0]["image"], other[0]["image"])
+  same_place = lambda a, b: np.mean(np.all(a == b, axis=(1, 2, 3)))  # share of rows holding the same image
+  assert same_place(first[0]["image"], other[0]["image"]) < 0.05  # by chance about 1 in 144
 
 
 def test_epochs_cover_the_split_in_new_orders(data_dir):
   batches = take(make_train_iterator(DataConfig(image_size=8, data_dir=data_dir), 479, seed=0), 6)
   epochs = [np.concatenate([b["image"] for b in batches[i:i + 3]]) for i in (0, 3)]
   assert all(len(set(image_keys(epoch))) == 1437 for epoch in epochs)
-  assert not np.array_equal(epochs[0], epochs[1])
+  assert np.mean(np.all(epochs[0] == epochs[1], axis=(1, 2, 3))) < 0.05  # a new permutation, not the old one
 
 
 @pytest.mark.parametrize("start_step", [1, 30])  # 30 lies in the second epoch (22 steps of 64 each).

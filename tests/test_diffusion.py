@@ -127,3 +127,17 @@ def test_min_snr_weighting_is_the_same_x0_error_in_every_prediction():
                                      min_snr_gamma=5.0) for p in ("eps", "x0", "v")]
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
   np.testing.assert_allclose(losses[2], losses[1], rtol=1e-3)
+
+
+def test_zero_terminal_snr_loss_at_pure_noise():
+  """At abar 0, v's target is -x0 and x0's is x0; min-SNR weighs that timestep 0 rather than 0/0."""
+  zero = schedules.make_schedule("linear", 1000, zero_terminal_snr=True)
+  x0, noise = jnp.full((2, 3), 0.5), jnp.ones((2, 3))
+  t = jnp.array([999, 999])
+  x_t = diffusion.q_sample(zero, x0, t, noise)
+  np.testing.assert_array_equal(x_t, noise)
+  for prediction, target in (("v", -x0), ("x0", x0)):
+    for gamma, weight in ((0.0, 1.0), (5.0, 0.0)):
+      loss = diffusion.diffusion_loss(jnp.zeros_like(x0), schedule=zero, x0=x0, noise=noise, t=t,
+                                      prediction=prediction, min_snr_gamma=gamma)
+      np.testing.assert_allclose(loss, weight * jnp.mean(target**2, axis=1), rtol=1e-6)

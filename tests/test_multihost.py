@@ -25,6 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, STEPS = 2, 6
 
 
+def with_devices(count: int) -> str:
+  """This process's XLA flags with the CPU device count set to `count`."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -34,7 +40,7 @@ def free_port() -> int:
 def train_processes(workdir) -> list[str]:
   """Runs PROCESSES worker processes of one job and returns their logs; fails with the log of one that fails."""
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JDIFF_COMPILATION_CACHE=os.environ.get(
+  env = dict(os.environ, XLA_FLAGS=with_devices(2), JDIFF_COMPILATION_CACHE=os.environ.get(
       "JDIFF_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax")))
   procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i), str(PROCESSES),
                              str(workdir)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

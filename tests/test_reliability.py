@@ -90,7 +90,8 @@ def test_killed_and_preempted_train_py_resumes_bit_identically(tmp_path):
                                  str(tmp_path / "reference")).state
   workdir = tmp_path / "interrupted"
   args = ["--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.training.num_steps={num_steps}",
-          f"--config.training.checkpoint_every={every}", f"--config.training.log_every={every}"]
+          f"--config.training.checkpoint_every={every}", f"--config.training.log_every={every}",
+          "--cpu_devices=1"]  # the devices of this process (tests/conftest.py), not one per core
   rng = random.Random(5)
   logs = []
   for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
@@ -229,7 +230,12 @@ def test_a_non_finite_step_is_not_applied(step_setup):
     np.testing.assert_array_equal(a, b)
   good, metrics = step(state, digits_batch(), jax.random.key(1), schedule)
   assert int(metrics["nonfinite_steps"]) == 0
-  assert not all(np.array_equal(a, b) for a, b in zip(leaves(good.params), leaves(state.params)))
+  # A finite step is applied: Adam's first update moves each parameter with a gradient by about the learning rate
+  # (g / (|g| + eps)), and the EMA (decay 0.1 at step 0 with warmup) follows.
+  moves = np.concatenate([np.abs(a - b).ravel() for a, b in zip(leaves(good.params), leaves(state.params))])
+  assert moves.max() == pytest.approx(float(metrics["learning_rate"]), rel=1e-3)
+  for e0, p1, e1 in zip(leaves(state.ema_params), leaves(good.params), leaves(good.ema_params)):
+    np.testing.assert_allclose(e1, 0.1 * e0 + 0.9 * p1, rtol=1e-5, atol=1e-7)
 
 
 def test_logged_metrics_average_applied_steps_and_count_skipped_ones():
@@ -277,6 +283,8 @@ def test_nonfinite_skip_trains_on_with_finite_params(tmp_path, monkeypatch):
     ("training.nonfinite", "ignore", r"nonfinite='ignore' is not allowed: must be one of stop, skip"),
     ("seed", -1, r"config.seed=-1 is not allowed"),
     ("model.image_size", 9, r"image_size=9 .*divisible by 2\*\*\(len\(channel_mults\) - 1\) = 2"),
+    ("diffusion.zero_terminal_snr", True, r"zero_terminal_snr=True is not allowed: must be False with prediction "
+                                          r"'eps'.*predict 'v' or 'x0'"),
 ])
 def test_config_values_of_the_wrong_type_or_range_name_the_field(key, value, message):
   raw = tiny_config().to_dict()
@@ -400,3 +408,53 @@ def test_bad_values_fail_in_a_real_process_with_one_line_and_write_nothing(train
     code, _, err = run_script(name, "--workdir", str(trained[0]), "--num", "2", "--out", str(out), *args)
     assert not out.exists()
   assert code == 2 and err.count(f"{name}: error: ") == 1 and "Traceback" not in err, err[-2000:]
+
+
+# ---------------------------------------------------------------- the VAE trainer, through the same loop
+
+def test_vae_training_resumes_bit_identically_and_stops_on_a_non_finite_step(tmp_path, monkeypatch):
+  from tests.test_vae import tiny_vae_config
+  data_dir = os.environ["TFDS_DATA_DIR"]
+  straight = train_and_evaluate(tiny_vae_config(data_dir, num_steps=4, checkpoint_every=2), str(tmp_path / "a")).state
+  train_and_evaluate(tiny_vae_config(data_dir, num_steps=2, checkpoint_every=2), str(tmp_path / "b"))
+  resumed = train_and_evaluate(tiny_vae_config(data_dir, num_steps=4, checkpoint_every=2), str(tmp_path / "b")).state
+  for a, b in zip(leaves(straight), leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  nan_at(2, monkeypatch)
+  with pytest.raises(faults.NonFiniteError, match=r"at step 3 \(loss=nan.*the last checkpoint, step 2, is kept"):
+    train_and_evaluate(tiny_vae_config(data_dir, num_steps=4, checkpoint_every=2, log_every=2), str(tmp_path / "c"))
+  assert checkpoint.make_manager(str(tmp_path / "c"), create=False).all_steps() == [2]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_real_vae_run_with_a_checkpoint_and_a_rerun_finishes_it(tmp_path):
+  from tests.test_vae import TINY_VAE, tiny_vae_config
+  data_dir = os.environ["TFDS_DATA_DIR"]
+  reference = train_and_evaluate(tiny_vae_config(data_dir, num_steps=12, checkpoint_every=12),
+                                 str(tmp_path / "reference")).state
+  workdir = tmp_path / "run"
+  args = ["--config", "vae_digits", "--workdir", str(workdir), "--config.data.image_size=16",
+          f"--config.data.data_dir={data_dir}", "--config.training.num_steps=12", "--config.training.batch_size=16",
+          "--config.training.warmup_steps=1", "--config.training.checkpoint_every=2", "--config.training.log_every=2",
+          "--config.training.sample_every=0", "--config.evaluation.num_images=40", "--cpu_devices=1"]
+  args += [f"--config.vae.{key}={value}" for key, value in TINY_VAE.items()]
+  with open(tmp_path / "log", "w") as log:
+    proc = script("train.py", *args, stdout=log, stderr=log)
+    deadline = time.time() + 300
+    while latest_saved(workdir) == 0 and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()[-3000:]
+  stopped_at = latest_saved(workdir)
+  assert f"stopped by SIGTERM after step {stopped_at}" in (tmp_path / "log").read_text() and stopped_at < 12
+  code, _, err = run_script("train.py", *args)
+  assert code == 0 and "resuming from checkpoint" in err, err[-3000:]
+  manager = checkpoint.make_manager(str(workdir), create=False)
+  from jdiff.config import parse_vae_config
+  from jdiff.train.vae import create_vae_state
+  config = parse_vae_config(checkpoint.restore_config(manager, 12))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                    jax.eval_shape(functools.partial(create_vae_state, config), jax.random.key(0)))
+  for a, b in zip(leaves(reference), leaves(checkpoint.restore_checked(manager, 12, abstract))):
+    np.testing.assert_array_equal(a, b)

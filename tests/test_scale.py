@@ -145,7 +145,7 @@ def test_remat_gives_the_same_gradients(start_state, plain_grads):
   loss_fn = jax.jit(functools.partial(loss_and_grads, config=parsed(training=dict(remat=True))))
   args = (start_state.params, fixed_batch(), STEP_RNG, make_schedule("cosine", 1000))
   loss, grads = loss_fn(*args)
-  assert float(loss) == float(plain_grads[0])
+  assert float(loss) == pytest.approx(float(plain_grads[0]), rel=1e-6)
   assert_grads_close(grads, plain_grads[1], rtol=1e-6)
   # jax.checkpoint fences each recomputed block with an optimisation barrier, so XLA cannot undo the remat:
   # one per block of this U-Net (5 ResBlocks and the middle attention).

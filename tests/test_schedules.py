@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jdiff import schedules
+from jdiff.config import DiffusionConfig
 
 
 def test_linear_schedule_matches_ddpm():
@@ -68,3 +69,23 @@ def test_bad_schedule_requests_are_rejected():
     schedules.make_schedule("quadratic")
   with pytest.raises(ValueError, match="num_timesteps"):
     schedules.make_schedule("linear", 1)
+
+
+@pytest.mark.parametrize("name", schedules.SCHEDULE_NAMES)
+def test_zero_terminal_snr_rescaling(name):
+  """Lin et al. (2024): sqrt(abar) shifted and scaled to end at 0 and keep its first value; sigma ends infinite."""
+  plain, zero = schedules.make_schedule(name, 1000), schedules.make_schedule(name, 1000, zero_terminal_snr=True)
+  root = np.sqrt(np.cumprod(1.0 - np.asarray(plain.betas, np.float64)))
+  want = (root - root[-1]) * root[0] / (root[0] - root[-1])
+  np.testing.assert_allclose(np.asarray(zero.sqrt_alphas_cumprod), want, rtol=1e-4, atol=1e-7)
+  assert float(zero.alphas_cumprod[-1]) == 0.0 and float(zero.betas[-1]) == 1.0
+  assert float(zero.sigmas[-1]) == np.inf and float(zero.log_snr[-1]) == -np.inf
+  finite = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(zero)]
+  assert all(np.all(np.isfinite(a[:-1])) for a in finite)
+  assert np.all(np.diff(np.asarray(zero.alphas_cumprod)) < 0)
+  np.testing.assert_allclose(schedules.t_to_sigma(zero, jnp.array([998.0, 999.0])), [zero.sigmas[998], np.inf], rtol=1e-6)
+  np.testing.assert_allclose(schedules.sigma_to_t(zero, jnp.array([jnp.inf, zero.sigmas[998]])), [999, 998])
+  with pytest.raises(ValueError, match="the last in"):
+    schedules.from_betas(np.array([0.1, 1.0, 0.2]))
+  from_config = DiffusionConfig(schedule=name, prediction="v", zero_terminal_snr=True).make_schedule()
+  np.testing.assert_array_equal(from_config.sigmas, zero.sigmas)

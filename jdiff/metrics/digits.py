@@ -61,8 +61,8 @@ def sample_accuracy(pipe, classifier: DigitClassifier, *, num: int, seed: int = 
   The first call for a new shape compiles; it is run once on the same batch beforehand so the time
   measures sampling alone.
   """
-  pipe.generate(num, seed=seed, **options)
+  pipe.generate(num=num, seed=seed, **options)
   start = time.perf_counter()
-  samples = pipe.generate(num, seed=seed, **options)
+  samples = pipe.generate(num=num, seed=seed, **options)
   elapsed = time.perf_counter() - start
   return digit_accuracy(samples.images, samples.labels, classifier), elapsed

@@ -16,7 +16,6 @@ from jdiff import build, data, images, sharding
 from jdiff.config import Config, ConfigError, parse_config
 from jdiff.metrics import fid, quality
 from jdiff.pipeline import Pipeline
-from jdiff.schedules import make_schedule
 from jdiff.train import latent
 from jdiff.train.state import TrainState
 from jdiff.train.step import abstract_train_state, create_train_state, train_step
@@ -36,7 +35,7 @@ class UNetTrainer:
       config = parse_config(raw)
       self._encode = latent.make_batch_encoder(self.codec, mesh, config.seed)
     self.config, self.raw = config, raw
-    self.step_inputs = (make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),)
+    self.step_inputs = (config.diffusion.make_schedule(),)
     self.step = functools.partial(train_step, config=config)
     self.init_state = functools.partial(create_train_state, config)
     self._evaluation = None  # (feature network, held-out split, reference statistics), made at the first evaluation
