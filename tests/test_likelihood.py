@@ -24,19 +24,22 @@ def test_discretized_gaussian_bins_hold_all_the_mass_and_match_the_cdf():
   np.testing.assert_allclose(np.exp(log_p[inner])[near], expected[near], rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def gaussian():
+def gaussian_case(schedule):
   rng = np.random.default_rng(0)
   a = 0.15 * rng.standard_normal((6, 6))
   cov = a @ a.T + np.diag(rng.uniform(0.02, 0.1, 6))
   mean = rng.uniform(-0.3, 0.3, 6)
-  schedule = schedules.make_schedule("cosine", 1000)
   model_fn = exact_denoisers.as_model_fn(lambda x, s, c: exact_denoisers.gaussian_x0(x, s, mean=mean, cov=cov),
                                          schedule, "v")
   x0 = rng.multivariate_normal(mean, cov, 32)
   # The model's density at the smallest noise level is the data's Gaussian widened by that noise.
   known = multivariate_normal(mean, cov + float(schedule.sigmas[0]) ** 2 * np.eye(6)).logpdf(x0)
   return schedule, model_fn, x0, known
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+  return gaussian_case(schedules.make_schedule("cosine", 1000))
 
 
 def test_ode_likelihood_with_the_exact_trace_is_the_gaussian_density(gaussian):
@@ -46,6 +49,14 @@ def test_ode_likelihood_with_the_exact_trace_is_the_gaussian_density(gaussian):
   error = np.abs(np.asarray(log_p) - known) / 6
   print(f"ODE, exact trace: max |error| {error.max():.1e} nats per dimension")
   assert error.max() < 2e-4
+
+
+def test_ode_likelihood_of_a_zero_terminal_snr_schedule_ends_at_its_largest_finite_sigma():
+  schedule, model_fn, x0, known = gaussian_case(schedules.make_schedule("cosine", 1000, zero_terminal_snr=True))
+  assert not np.isfinite(schedule.sigmas[-1])
+  log_p = likelihood.ode_log_likelihood(model_fn, schedule, jnp.asarray(x0, jnp.float32), prediction="v",
+                                        steps=100, exact_trace=True)
+  assert np.abs(np.asarray(log_p) - known).max() / 6 < 2e-4
 
 
 def test_ode_likelihood_with_hutchinsons_estimator_is_unbiased(gaussian):

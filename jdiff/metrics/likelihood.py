@@ -9,8 +9,8 @@ infinity). The sum over t is exact over every step, or estimated from a stratifi
 
 The probability-flow ODE (Song et al., 2021): in the samplers' scale x = x0 + sigma eps the ODE is
 dx/dsigma = (x - D(x, sigma)) / sigma, and along it d log p / d log sigma = -(dim - div D). Integrating from the
-schedule's smallest sigma (where x is the data point) to its largest, where the density is the samplers' prior
-N(0, (1 + sigma_max^2) I), gives log p(x0) of the model's density at the smallest noise level. The divergence is
+schedule's smallest sigma (where x is the data point) to its largest finite one, where the density is the samplers'
+prior N(0, (1 + sigma_max^2) I), gives log p(x0) of the model's density at the smallest noise level. The divergence is
 Hutchinson's estimate v.(v - dD/dx v) with Rademacher probes v (one per solve, fixed along it), or the exact trace of
 the Jacobian for small dimensions. Dequantised 8-bit data, x0 plus uniform noise over its bin, bounds the discrete
 likelihood: -log P(pixels) <= -log p(x0 + u) - dim log(2/255) on average over u.
@@ -189,9 +189,11 @@ def _ode(model_fn, schedule, x0, cond, probe, *, prediction, steps):
     x = x + h / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
     return (x, delta + h / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])), None
 
-  grid = jnp.linspace(jnp.log(schedule.sigmas[0]), jnp.log(schedule.sigmas[-1]), steps + 1)
+  # A zero-terminal-SNR schedule's last sigma is infinite: the ODE ends at its largest finite one.
+  sigma_max = jnp.max(jnp.where(jnp.isfinite(schedule.sigmas), schedule.sigmas, 0.0))
+  grid = jnp.linspace(jnp.log(schedule.sigmas[0]), jnp.log(sigma_max), steps + 1)
   (x, delta), _ = jax.lax.scan(rk4, (x0, jnp.zeros(x0.shape[0])), grid[:-1])
-  prior_var = 1.0 + schedule.sigmas[-1] ** 2
+  prior_var = 1.0 + sigma_max**2
   log_prior = -0.5 * (_sum_dims(jnp.square(x)) / prior_var + dims * jnp.log(2 * jnp.pi * prior_var))
   # log p(x0) = log p(x_end) + integral of (dim - div D) dlog sigma, and delta accumulated its negative.
   return log_prior - delta
