@@ -100,3 +100,20 @@ def test_training_logs_the_distance_every_eval_every_steps(network, tmp_path):
   logged = events.Tensors("eval/fd_sklearn_digits_features")
   assert [e.step for e in logged] == [1, 2]
   assert all(0 < float(tensor_util.make_ndarray(e.tensor_proto)) < 1e4 for e in logged)
+
+
+@pytest.mark.multidevice
+def test_feature_batches_are_split_over_every_device_and_padded():
+  import jax
+  images = (np.arange(13 * 4 * 4) % 7).astype(np.float32).reshape(13, 4, 4, 1)
+  weights = (np.arange(16 * 3) % 5 - 2).astype(np.float32).reshape(16, 3)  # small integers: exact in float32
+  shapes, devices = [], []
+
+  def apply(params, batch):
+    shapes.append(batch.shape[0])
+    devices.append(len(batch.sharding.device_set))
+    return jax.jit(lambda p, x: x.reshape(x.shape[0], -1) @ p)(params, batch)
+
+  out = features.batched(apply, weights, images, batch_size=5)
+  np.testing.assert_array_equal(out, images.reshape(13, -1) @ weights)
+  assert shapes == [8, 8] and devices == [8, 8]  # 5 rounded up to the 8 devices; the last batch padded from 5
