@@ -56,7 +56,9 @@ def test_ode_likelihood_of_a_zero_terminal_snr_schedule_ends_at_its_largest_fini
   assert not np.isfinite(schedule.sigmas[-1])
   log_p = likelihood.ode_log_likelihood(model_fn, schedule, jnp.asarray(x0, jnp.float32), prediction="v",
                                         steps=100, exact_trace=True)
-  assert np.abs(np.asarray(log_p) - known).max() / 6 < 2e-4
+  error = np.abs(np.asarray(log_p) - known) / 6
+  print(f"ODE, zero terminal SNR, exact trace: max |error| {error.max():.1e} nats per dimension")
+  assert error.max() < 3e-4  # 1.7e-4 measured, the same with 200 steps: not the solver's step size
 
 
 def test_ode_likelihood_with_hutchinsons_estimator_is_unbiased(gaussian):
