@@ -5,11 +5,12 @@ split, on the feature network trained on the model's own dataset, next to the ti
   python bench/sampler_quality.py --workdir runs/shapes --num 500 --guidance 1,3
 
 Samples are conditioned like the held-out split (--split: its labels or captions, image i like real image i) and
-compared with the statistics of the training split; the held-out images themselves give the first row, the floor
-that a perfect sampler reaches at this sample size. Every row uses the same seeds, so rows differ by the sampler
-alone. KD is the kernel distance (unbiased polynomial-kernel MMD^2, x 1000) with its std over 100 subsets. ms/image
-is the wall time of generating the row's images after compiling, divided by their number; the ratio column divides
-it by DDIM's at the same steps and guidance in the same run. Prints a Markdown table; --out appends each row as JSON.
+compared with the statistics of the training split; the held-out images themselves give the first row, two real
+sets of this size to compare with (a model's samples can match the training split more closely than held-out images
+do). Every row uses the same seeds, so rows differ by the sampler alone. KD is the kernel distance (unbiased
+polynomial-kernel MMD^2, x 1000) with its std over 100 subsets. ms/image is the wall time of generating the row's
+images after compiling, divided by their number; the ratio column divides it by DDIM's at the same steps and
+guidance in the same run. Prints a Markdown table; --out appends each row as JSON.
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ def main():
   parser.add_argument("--steps", default="5,10,20,50")
   parser.add_argument("--guidance", default="3")
   parser.add_argument("--num", type=int, default=None, help="samples per row (default: the held-out split's size)")
-  parser.add_argument("--split", default="test", help="held-out split: conditions and the floor")
+  parser.add_argument("--split", default="test", help="held-out split: conditions and the first row")
   parser.add_argument("--reference_split", default="train")
   parser.add_argument("--seed", type=int, default=10_000, help="first seed (training's sample grids use 0..)")
   parser.add_argument("--batch_size", type=int, default=250)
