@@ -4,8 +4,8 @@ Every kind of training (the U-Net, the VAE) is a trainer: it parses its config a
 step function, its batches and what to write now and then. The loop owns the rest, the same for all of them:
 multi-process start-up, the work dir's lock (one training job per work dir), the mesh, resuming from the latest
 readable checkpoint (setting damaged ones aside), SIGTERM/SIGINT (finish the step, save, return), the non-finite
-guard, metrics to TensorBoard, periodic checksummed checkpoints (a failed save stops training at once) and samples,
-and the final evaluation.
+guard, metrics to TensorBoard, periodic checksummed checkpoints (a failed save stops training at once), samples and
+evaluations, and the final evaluation.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class Trainer(Protocol):
   def prepare(self, batch: dict, step: int) -> dict: ...  # on the devices, before the step (e.g. to latents)
   def write_samples(self, state: TrainState, step: int, writer) -> None: ...
   def finish(self, state: TrainState, step: int, writer) -> None: ...
+  # Optional: evaluate(state, step, writer), called every training.eval_every steps.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,8 @@ def _train(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> Tra
         break
       if (tc.sample_every and done % tc.sample_every == 0) or done == tc.num_steps:
         trainer.write_samples(state, done, writer)
+      if tc.eval_every and done % tc.eval_every == 0 and hasattr(trainer, "evaluate"):
+        trainer.evaluate(state, done, writer)
     else:
       if start < tc.num_steps:
         trainer.finish(state, tc.num_steps, writer)
