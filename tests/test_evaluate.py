@@ -1,4 +1,4 @@
-"""Sample quality and likelihood of a trained model: jdiff.metrics.quality, evaluate.py and training.eval_every, on
+"""Sample quality and likelihood of a trained model: jdiff.metrics.quality, jdiff-evaluate and training.eval_every, on
 the tiny run, with a feature network trained briefly on the tests' digits."""
 import json
 

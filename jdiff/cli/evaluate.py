@@ -1,10 +1,10 @@
-"""jdiff-evaluate (and evaluate.py): sample quality and likelihood of a trained work dir.
+"""jdiff-evaluate (also python -m jdiff.cli.evaluate): sample quality and likelihood of a trained work dir.
 
-  python evaluate.py --workdir runs/default --metric fd,kd --num 1000 --sampler dpmpp_2m --steps 10
-  python evaluate.py --workdir runs/default --metric bpd,ode_bpd --split test
-  python evaluate.py --workdir runs/cifar --metric fid,kid --inception pt_inception-2015-12-05-6726825d.pth \
+  jdiff-evaluate --workdir runs/default --metric fd,kd --num 1000 --sampler dpmpp_2m --steps 10
+  jdiff-evaluate --workdir runs/default --metric bpd,ode_bpd --split test
+  jdiff-evaluate --workdir runs/cifar --metric fid,kid --inception pt_inception-2015-12-05-6726825d.pth \
     --reference cifar_train.npz --num 10000
-  python evaluate.py --workdir runs/cifar --inception pt_inception.pth --write_reference cifar_train.npz
+  jdiff-evaluate --workdir runs/cifar --inception pt_inception.pth --write_reference cifar_train.npz
 
 Metrics: fid, kid (the FID Inception network's features; --inception names its weights), fd, kd (the Fréchet and
 kernel distances on the features of a network trained on the model's own dataset: jdiff/metrics/features.py),
@@ -23,7 +23,7 @@ from absl import app, flags
 from jdiff.cli import runtime
 
 FLAGS = flags.FlagValues()
-PROGRAM = "evaluate.py"
+PROGRAM = "jdiff-evaluate"
 DISTANCES = ("fid", "kid", "fd", "kd")
 METRICS = DISTANCES + ("bpd", "ode_bpd")
 NAMES = {"fid": "FID", "kid": "KID", "fd": "Fréchet distance on {features}", "kd": "kernel distance on {features}",

@@ -56,7 +56,7 @@ class FeatureStats:
   @classmethod
   def load(cls, path: str) -> "FeatureStats":
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"no statistics file {path!r}: write one with `python evaluate.py --workdir DIR "
+      raise FileNotFoundError(f"no statistics file {path!r}: write one with `jdiff-evaluate --workdir DIR "
                               f"--write_reference {path}`")
     with np.load(path, allow_pickle=False) as data:
       missing = {"mean", "cov", "count", "space"} - set(data.files)
