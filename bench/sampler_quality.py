@@ -29,7 +29,7 @@ def main():
   parser.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--samplers", default="ddim,ddpm,heun,dpmpp_2m,dpmpp_2m_sde,unipc")
   parser.add_argument("--steps", default="5,10,20,50")
-  parser.add_argument("--guidance", default="3")
+  parser.add_argument("--guidance_scale", default="3")
   parser.add_argument("--num", type=int, default=None, help="samples per row (default: the held-out split's size)")
   parser.add_argument("--split", default="test", help="held-out split: conditions and the first row")
   parser.add_argument("--reference_split", default="train")
@@ -54,7 +54,7 @@ def main():
         f"{1e3 * floor['kd_std']:.2f} | - | - |", flush=True)
   ddim_time = {}
   for steps in map(int, args.steps.split(",")):
-    for guidance in map(float, args.guidance.split(",")):
+    for guidance in map(float, args.guidance_scale.split(",")):
       for sampler in args.samplers.split(","):
         images, seconds = quality.generate_like(pipe, held_out, num, seed=args.seed, batch_size=args.batch_size,
                                                 sampler=sampler, steps=steps, guidance_scale=guidance)

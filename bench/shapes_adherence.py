@@ -90,7 +90,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
-  parser.add_argument("--guidance", default="0,1,3,7")
+  parser.add_argument("--guidance_scale", default="0,1,3,7")
   parser.add_argument("--sampler", default="ddim")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--clip_x0", choices=tuple(CLIP_X0), default="auto",
@@ -137,7 +137,7 @@ def main():
         round_trip = model_range_to_uint8(pipe.codec.decode(pipe.codec.encode(uint8_to_model_range(images))))
         print(*pair_rows([f"{name} through the VAE", "-"] + ["-"] * len(extra), readable(round_trip), real["colour"],
                          real["shape"], per_pair), sep="\n")
-  for guidance in map(float, args.guidance.split(",")):
+  for guidance in map(float, args.guidance_scale.split(",")):
     for negative in negatives or [None]:
       for name, (prompts, colours, kinds) in sets.items():
         start = time.perf_counter()
