@@ -1,7 +1,7 @@
 """Sample quality of a trained digits model: the share of class-conditional samples that a classifier trained
 on real digits reads as their intended class, per sampler, step count and guidance scale, with sampling time.
 
-  python bench/digits_quality.py --workdir runs/default --samplers ddim --steps 20 --guidance 3
+  python bench/digits_quality.py --workdir runs/default --samplers ddim --steps 20 --guidance_scale 3
   python bench/digits_quality.py --workdir runs/default --samplers ddim,euler,heun,dpmpp_2m --steps 5,10,20,50
   python bench/digits_quality.py --workdir runs/latent_digits --guidance_scale 1,3 --clip_x0 on
 

@@ -1,8 +1,8 @@
 """Samplers x steps x guidance on a trained model: the Fréchet and kernel distances of its samples to the training
 split, on the feature network trained on the model's own dataset, next to the time per image.
 
-  python bench/sampler_quality.py --workdir runs/default --samplers ddim,dpmpp_2m --steps 5,10,20,50 --guidance 3
-  python bench/sampler_quality.py --workdir runs/shapes --num 500 --guidance 1,3
+  python bench/sampler_quality.py --workdir runs/default --samplers ddim,dpmpp_2m --steps 5,10,20,50 --guidance_scale 3
+  python bench/sampler_quality.py --workdir runs/shapes --num 500 --guidance_scale 1,3
 
 Samples are conditioned like the held-out split (--split: its labels or captions, image i like real image i) and
 compared with the statistics of the training split; the held-out images themselves give the first row, two real

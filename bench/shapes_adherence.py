@@ -1,9 +1,9 @@
 """Prompt adherence of a text-to-image model trained on `shapes`: the share of samples whose colour and shape, read by
 a pixel-level detector (jdiff.metrics.shapes), are the prompt's, against the classifier-free guidance scale.
 
-  python bench/shapes_adherence.py --workdir runs/shapes --guidance 0,1,3,7
-  python bench/shapes_adherence.py --workdir runs/latent_shapes --guidance 3 --clip_x0 on
-  python bench/shapes_adherence.py --workdir runs/shapes --guidance 7 --negative_prompt "" \
+  python bench/shapes_adherence.py --workdir runs/shapes --guidance_scale 0,1,3,7
+  python bench/shapes_adherence.py --workdir runs/latent_shapes --guidance_scale 3 --clip_x0 on
+  python bench/shapes_adherence.py --workdir runs/shapes --guidance_scale 7 --negative_prompt "" \
       --negative_prompt "a {other_colour} {shape}" --negative_prompt "{other_shape}"
 
 Prompts are "a {colour} {shape}" (--prompt changes the template). 'held-out' prompts name the colour-shape pairs
