@@ -4,22 +4,31 @@ The state is a pytree with `params` and `ema_params` among its fields; inference
 (`restore_params`), training the whole state. Training writes checkpoints; everything else only reads them.
 
 Saving is atomic: orbax writes step N into `N.orbax-checkpoint-tmp-*` and renames it to `N` when complete, so a
-crash mid-save leaves no directory that looks finished (the training manager removes such leftovers). Restoring
-checks the stored shapes and dtypes against the expected state first (orbax itself would cast dtypes silently),
-and `restore_latest` falls back from an unreadable (corrupt, truncated) checkpoint to the one before it.
+crash mid-save leaves no directory that looks finished (the training manager removes such leftovers). Each
+checkpoint also holds the checksums of its arrays and of its config (jdiff/checksums.py). Restoring checks the
+stored shapes and dtypes against the expected state first (orbax itself would cast dtypes silently), then the
+restored values against the checksums; `restore_latest` falls back from an unreadable (corrupt, truncated,
+checksum-failing) checkpoint to the one before it. A save that fails (a full disk) is a CheckpointSaveError
+naming the step, the path, the cause and the last good checkpoint, with the partial files removed (`Saver`).
 """
 from __future__ import annotations
 
-import contextlib
+import glob
+import hashlib
+import json
 import os
+import re
+import shutil
 from typing import Any, Callable, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jdiff import checksums
 from jdiff.config import ConfigError
 
 T = TypeVar("T")
@@ -33,11 +42,15 @@ class UnreadableCheckpointError(CheckpointError):
   """A checkpoint's files are missing, truncated or corrupt."""
 
 
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written (a full disk, say)."""
+
+
 class IncompatibleCheckpointError(ConfigError):
   """A readable checkpoint of another model: other parameter names, shapes or dtypes."""
 
 
-ITEMS = ("state", "config")
+ITEMS = ("state", "config", "checksums")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -57,18 +70,91 @@ def latest_step(workdir: str) -> int | None:
   return make_manager(workdir, create=False).latest_step()
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, raw_config: dict) -> None:
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             config=ocp.args.JsonSave(raw_config)))
+class Saver:
+  """Writes a run's checkpoints, each in the background (orbax) and with the checksums of its arrays and config.
+
+  A save that fails is reported at the first look after it fails: `check` (called after every training step),
+  the next `save`, or the end of the `with` block, which waits for the save in flight. The report is one
+  CheckpointSaveError naming the step, the path, the cause and the last good checkpoint, raised once the failed
+  save's partial files are removed.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self._pending: int | None = None
+
+  def __enter__(self) -> Saver:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.wait()
+
+  def save(self, step: int, state, raw_config: dict) -> None:
+    self.wait()
+    sums = {"state": dict(zip(_leaf_names(state), checksums.of_leaves(state))), "config": config_checksum(raw_config)}
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      config=ocp.args.JsonSave(raw_config),
+                                                      checksums=ocp.args.JsonSave(sums)))
+    except Exception as e:  # Orbax raises many types (OSError, tensorstore's ValueError) for one cause.
+      self._failed(e)
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError if the save in flight has failed; returns at once while it is running. In a
+    multi-process job all processes call it after the same step, and look at the save once it has finished on
+    all of them, so that they stop at the same step."""
+    if self._pending is not None and _on_every_process(not self.manager.is_saving_in_progress()):
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight; raises CheckpointSaveError if it failed."""
+    if self._pending is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._failed(e)
+    self._pending = None
+
+  def _failed(self, error: Exception):
+    step, self._pending = self._pending, None
+    directory = str(self.manager.directory)
+    if jax.process_index() == 0:
+      for partial in glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(partial, ignore_errors=True)
+    self.manager.reload()
+    good = [s for s in self.manager.all_steps() if s != step]
+    last = (f"the last good checkpoint is {os.path.join(directory, str(max(good)))}" if good
+            else "there is no earlier checkpoint")
+    raise CheckpointSaveError(
+        f"could not save the checkpoint of step {step} to {os.path.join(directory, str(step))}: {save_cause(error)}; "
+        f"its partial files are removed and {last}. Fix the cause (free disk space, say) and rerun the same "
+        "command to resume") from error
 
 
-@contextlib.contextmanager
-def finishing(manager: ocp.CheckpointManager):
-  """Waits for in-flight (asynchronous) saves on the way out, also when training stops with an error."""
-  try:
-    yield manager
-  finally:
-    manager.wait_until_finished()
+def _on_every_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def save_cause(error: BaseException) -> str:
+  """The operating system's reason for a failed save where one is known (orbax wraps OSErrors in tensorstore's
+  ValueErrors), else the error's first line."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return os.strerror(seen.errno)
+    seen = seen.__cause__ or seen.__context__
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  if code:
+    return os.strerror(int(code.group(1)))
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def config_checksum(raw_config: dict) -> str:
+  return hashlib.sha256(json.dumps(raw_config, sort_keys=True).encode()).hexdigest()
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
@@ -91,9 +177,11 @@ def restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state):
   path = step_path(manager, step)
   _refuse_mismatches(path, _stored_state(path), abstract_state)
   try:
-    return restore_state(manager, step, abstract_state)
+    state = restore_state(manager, step, abstract_state)
   except Exception as e:
     raise unreadable(path, e) from e
+  _verify(manager, step, state)
+  return state
 
 
 def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params, field: str = "ema_params"):
@@ -105,9 +193,11 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params, f
   args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                 partial_restore=True)
   try:
-    return manager.restore(step, args=ocp.args.Composite(state=args)).state[field]
+    restored = manager.restore(step, args=ocp.args.Composite(state=args)).state
   except Exception as e:
     raise unreadable(path, e) from e
+  _verify(manager, step, restored)
+  return restored[field]
 
 
 def _stored_state(path: str):
@@ -129,12 +219,50 @@ def _refuse_mismatches(path: str, stored_tree, wanted) -> None:
 
 def restore_config_checked(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   try:
-    return restore_config(manager, step)
+    raw = restore_config(manager, step)
   except Exception as e:
     raise unreadable(step_path(manager, step), e) from e
+  stored = _stored_checksums(manager, step, warn=False)
+  if stored is not None and stored.get("config") != config_checksum(raw):
+    raise UnreadableCheckpointError(f"checkpoint {step_path(manager, step)} is unreadable (its config differs "
+                                    "from the checksum saved with it)")
+  return raw
 
 
-def unreadable(path: str, error: Exception) -> UnreadableCheckpointError:
+def _stored_checksums(manager: ocp.CheckpointManager, step: int, warn: bool = True) -> dict | None:
+  """The checksums saved with a checkpoint; None for one saved before jdiff wrote them (with `warn`, logged)."""
+  path = step_path(manager, step)
+  if not os.path.isdir(os.path.join(path, "checksums")):
+    if warn:
+      logging.warning("checkpoint %s has no checksums (an older jdiff saved it): its values are not verified",
+                      path)
+    return None
+  try:
+    stored = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
+  except Exception as e:
+    raise unreadable(path, e) from e
+  if not isinstance(stored, dict) or not isinstance(stored.get("state"), dict):
+    raise UnreadableCheckpointError(f"checkpoint {path} is unreadable (its checksums file is damaged)")
+  return stored
+
+
+def _verify(manager: ocp.CheckpointManager, step: int, restored) -> None:
+  """Raises UnreadableCheckpointError naming the arrays of `restored` (a state, or part of one) whose values
+  differ from the checksums saved with them."""
+  stored = _stored_checksums(manager, step)
+  if stored is None:
+    return
+  computed = dict(zip(_leaf_names(restored), checksums.of_leaves(restored)))
+  bad = [name for name, value in computed.items() if stored["state"].get(name) != value]
+  if bad:
+    which = f"{bad[0]} and {len(bad) - 1} other arrays differ" if len(bad) > 1 else f"{bad[0]} differs"
+    raise UnreadableCheckpointError(f"checkpoint {step_path(manager, step)} is unreadable (checksum mismatch: "
+                                    f"{which} from what was saved)")
+
+
+def unreadable(path: str, error: BaseException) -> UnreadableCheckpointError:
+  while error.__cause__ is not None:  # orbax wraps tensorstore's error, which names the file and the array
+    error = error.__cause__
   reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
   return UnreadableCheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason[:200]})")
 
@@ -154,9 +282,14 @@ def state_mismatches(stored_tree, abstract_state) -> list[str]:
 
 
 def _array_specs(tree) -> dict[str, str]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_name(k) for k in path): f"{getattr(leaf, 'dtype', '?')}{list(getattr(leaf, 'shape', ()))}"
-          for path, leaf in leaves}
+  leaves = jax.tree_util.tree_leaves(tree)
+  return {name: f"{getattr(leaf, 'dtype', '?')}{list(getattr(leaf, 'shape', ()))}"
+          for name, leaf in zip(_leaf_names(tree), leaves)}
+
+
+def _leaf_names(tree) -> list[str]:
+  """Each leaf's path, e.g. "params/conv_in/kernel", in tree_leaves order."""
+  return ["/".join(_key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _key_name(key) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from typing import Any, Mapping
 
 from jdiff import diffusion, samplers, schedules
@@ -100,12 +101,17 @@ class TrainingConfig:
   nonfinite: str = "stop"  # a step with a non-finite loss or gradient: "stop" training, or "skip" it and count it
   grad_accum_steps: int = 1  # split each batch into this many micro-batches, summing their gradients
   remat: bool = False  # recompute U-Net block activations in the backward pass: less memory, ~1/3 more compute
+  # Every eval_every steps (0 = never) the trainer's evaluation goes to TensorBoard: for a diffusion model the
+  # Fréchet and kernel distances of eval_samples samples on its dataset's features; for a VAE the held-out PSNR.
+  eval_every: int = 0
+  eval_samples: int = 500
 
   def __post_init__(self):
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                  "grad_accum_steps"):
       _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-    for name in ("warmup_steps", "sample_every"):
+    _check(self.eval_samples >= 2, "eval_samples", self.eval_samples, "an integer >= 2")
+    for name in ("warmup_steps", "sample_every", "eval_every"):
       _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
     _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
     _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
@@ -138,6 +144,7 @@ class SamplingConfig:
 
 
 DISTRIBUTED_MODES = ("auto", "on", "off")
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +175,12 @@ class ParallelConfig:
     _check(self.process_id is None or (_is_int(self.process_id) and self.process_id >= 0
                                        and (self.num_processes is None or self.process_id < self.num_processes)),
            "process_id", self.process_id, f"None or an integer in [0, num_processes={self.num_processes})")
+
+  def multi_process(self) -> bool:
+    """Whether this process joins a multi-process job (see `distributed`; 'auto' also reads JAX_COORDINATOR_ADDRESS)."""
+    if self.distributed == "auto":
+      return bool(self.coordinator_address or os.environ.get(COORDINATOR_ENV))
+    return self.distributed == "on"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,3 +60,13 @@ def text_workdir(tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp("text") / "run")
   train_and_evaluate(raw, workdir)
   return workdir
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_are_restored(request):
+  """Every test leaves SIGINT's and SIGTERM's handlers as it found them (training installs its own for a run)."""
+  import signal
+  before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+  yield
+  changed = [sig.name for sig, handler in before.items() if signal.getsignal(sig) is not handler]
+  assert not changed, f"{request.node.nodeid} left the handlers of {changed} changed"

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jdiff import checkpoint, data, sharding
+from jdiff import checkpoint, data, locks, sharding
 from jdiff.config import parse_config
 from jdiff.schedules import make_schedule
 from jdiff.train.step import abstract_train_state, create_train_state, train_step
@@ -37,8 +37,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def train_processes(workdir) -> list[str]:
-  """Runs PROCESSES worker processes of one job and returns their logs; fails with the log of one that fails."""
+def train_processes(workdir, succeed: bool = True) -> list[str]:
+  """Runs PROCESSES worker processes of one job and returns their logs; fails with the log of one that fails
+  (with succeed=False, of one that does not)."""
   port = free_port()
   env = dict(os.environ, XLA_FLAGS=with_devices(2), JDIFF_COMPILATION_CACHE=os.environ.get(
       "JDIFF_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax")))
@@ -48,7 +49,7 @@ def train_processes(workdir) -> list[str]:
            for i in range(PROCESSES)]
   logs = [p.communicate(timeout=500)[0] for p in procs]
   for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
+    assert (p.returncode == 0) == succeed, f"process {i} exited {p.returncode}:\n{log[-3000:]}"
   return logs
 
 
@@ -79,10 +80,21 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   saved = checkpoint.restore_config(manager, STEPS)["parallel"]
   assert (saved["fsdp"], saved["num_processes"]) == (4, PROCESSES)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  restored = checkpoint.restore_state(manager, STEPS, sharding.abstract_with_sharding(
+  # Restored onto one device, and checked against the checksums the two processes' shards added up to.
+  restored = checkpoint.restore_checked(manager, STEPS, sharding.abstract_with_sharding(
       abstract_train_state(config), jax.tree_util.tree_map(lambda _: device, abstract_train_state(config))))
   assert int(restored.step) == STEPS
   # Same maths in another summation order (see test_scale.py for the tolerance).
   for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(restored)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
   assert os.path.exists(tmp_path / "samples" / f"step_{STEPS:07d}.png")
+
+
+@pytest.mark.slow
+def test_a_busy_work_dir_stops_every_process_of_a_job(tmp_path):
+  """Process 0 takes the work dir's one lock for the job; when it cannot, every process stops and says why."""
+  with locks.acquire(locks.workdir_lock(str(tmp_path)), "work dir", "wait"):
+    logs = train_processes(tmp_path, succeed=False)
+  assert f"LockedError: work dir {tmp_path} is in use by " in logs[0] and f"(pid {os.getpid()} on host" in logs[0]
+  assert f"LockedError: work dir {tmp_path} is in use: process 0 of this job could not lock it" in logs[1]
+  assert os.listdir(tmp_path) == []

@@ -27,6 +27,7 @@ from jdiff.schedules import make_schedule
 from jdiff.train import faults, train_and_evaluate
 from jdiff.train.loop import mean_metrics
 from jdiff.train.step import abstract_train_state, create_train_state, train_step
+from tests.damage import flip_middle_of_largest_data_file, flip_stored_array, truncate_state_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("JDIFF_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax"))
@@ -61,13 +62,6 @@ def restore_final(workdir, step):
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                     abstract_train_state(config))
   return checkpoint.restore_checked(manager, step, abstract)
-
-
-def truncate_state_files(step_dir):
-  """Damages a checkpoint the way a half-copied or disk-full one is: its array data files cut in half."""
-  for path in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")):
-    with open(path, "r+b") as f:
-      f.truncate(os.path.getsize(path) // 2)
 
 
 @pytest.fixture(scope="module")
@@ -130,41 +124,68 @@ def latest_saved(workdir) -> int:
 
 
 def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
-  before = signal.getsignal(signal.SIGTERM)
-  with faults.StopRequest() as stop:
-    assert stop.requested is None
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.01)
-    assert stop.requested == "SIGTERM"
-  assert signal.getsignal(signal.SIGTERM) is before
-  with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C acts at once
+  # Python's own Ctrl-C handler, also where pytest was started in the background (with SIGINT ignored).
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    before = signal.getsignal(signal.SIGTERM)
     with faults.StopRequest() as stop:
-      signal.raise_signal(signal.SIGINT)
-      assert stop.requested == "SIGINT"
-      signal.raise_signal(signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+      assert stop.requested is None
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.01)
+      assert stop.requested == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C acts at once
+      with faults.StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested == "SIGINT"
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, inherited)
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def test_unreadable_latest_checkpoint_falls_back_and_is_set_aside(trained, tmp_path):
+@pytest.mark.parametrize("damage, reason", [
+    (truncate_state_files, r"ValueError: OUT_OF_RANGE: Error reading .*"),
+    (flip_middle_of_largest_data_file,
+     r"checksum mismatch: \S+ (differs|and \d+ other arrays differ) from what was saved"),
+])
+def test_unreadable_latest_checkpoint_falls_back_and_is_set_aside(trained, tmp_path, damage, reason):
+  """Truncated files, and flipped bytes that leave every file's size as it was, found the same way."""
   source, straight = trained
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
-  truncate_state_files(workdir / "checkpoints" / "4")
+  damage(workdir / "checkpoints" / "4")
   # A save that crashed midway: orbax's temporary directory, never renamed to its step.
   shutil.copytree(workdir / "checkpoints" / "2", workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1")
   assert checkpoint.latest_step(str(workdir)) == 4
-
-  with pytest.raises(checkpoint.UnreadableCheckpointError, match=rf"checkpoint {workdir}/checkpoints/4 is unreadable"):
-    jdiff.load(str(workdir), step=4)
-  assert jdiff.load(str(workdir)).step == 2  # the latest readable one
+  with pytest.raises(checkpoint.UnreadableCheckpointError,
+                     match=rf"checkpoint {workdir}/checkpoints/4 is unreadable \({reason}\)"):
+    restore_final(workdir, 4)
 
   resumed = train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(workdir)).state
   names = sorted(os.listdir(workdir / "checkpoints"))
   assert names == ["2", "4", "4.unreadable"]  # the damaged step kept under another name, the tmp dir removed
   for a, b in zip(leaves(straight), leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_sampling_falls_back_from_an_unreadable_checkpoint(tiny_run, tmp_path, damage):
+  """jdiff.load (sample.py) reads only the EMA params: damage to them is found, named, and the step before used."""
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run.workdir, workdir)
+  if damage == "truncated":
+    truncate_state_files(workdir / "checkpoints" / "20")
+    reason = r"ValueError: OUT_OF_RANGE: Error reading .*"
+  else:
+    name = flip_stored_array(workdir / "checkpoints" / "20", "ema_params/")
+    reason = rf"checksum mismatch: {name} differs from what was saved"
+  with pytest.raises(checkpoint.UnreadableCheckpointError,
+                     match=rf"checkpoint {workdir}/checkpoints/20 is unreadable \({reason}\)"):
+    jdiff.load(str(workdir), step=20)
+  assert jdiff.load(str(workdir)).step == 10  # the latest readable one
 
 
 def test_no_readable_checkpoint_is_an_error_naming_each(trained, tmp_path):

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jdiff import generate, sharding
 from jdiff.build import make_model
 from jdiff.cli import runtime
-from jdiff.config import ConfigError, ParallelConfig, parse_config
+from jdiff.config import COORDINATOR_ENV, ConfigError, ParallelConfig, parse_config
 from jdiff.schedules import make_schedule
 from jdiff.train import distributed, train_and_evaluate
 from jdiff.train.step import abstract_train_state, create_train_state, loss_and_grads, train_step
@@ -196,14 +196,14 @@ def test_parallel_config_errors_name_the_field(section, values, message):
 
 
 def test_distributed_starts_only_when_asked(monkeypatch):
-  monkeypatch.delenv(distributed.COORDINATOR_ENV, raising=False)
-  assert not distributed.wants_initialize(ParallelConfig())
-  assert distributed.wants_initialize(ParallelConfig(coordinator_address="host0:1234"))
-  assert not distributed.wants_initialize(ParallelConfig(distributed="off", coordinator_address="host0:1234"))
-  assert distributed.wants_initialize(ParallelConfig(distributed="on"))  # JAX's cluster detection fills in the rest
-  monkeypatch.setenv(distributed.COORDINATOR_ENV, "host0:1234")
-  assert distributed.wants_initialize(ParallelConfig())
-  monkeypatch.delenv(distributed.COORDINATOR_ENV)
+  monkeypatch.delenv(COORDINATOR_ENV, raising=False)
+  assert not ParallelConfig().multi_process()
+  assert ParallelConfig(coordinator_address="host0:1234").multi_process()
+  assert not ParallelConfig(distributed="off", coordinator_address="host0:1234").multi_process()
+  assert ParallelConfig(distributed="on").multi_process()  # JAX's cluster detection fills in the rest
+  monkeypatch.setenv(COORDINATOR_ENV, "host0:1234")
+  assert ParallelConfig().multi_process()
+  monkeypatch.delenv(COORDINATOR_ENV)
   distributed.initialize(ParallelConfig())  # one process: nothing happens
   assert jax.process_count() == 1 and not jax.distributed.is_initialized()
 

@@ -129,6 +129,8 @@ def test_batch_not_divisible_by_devices_is_rejected(tmp_path):
     ("data", "image_size", 16, r"config.model.image_size \(8\) must equal config.data.image_size \(16\)"),
     ("model", "attention_resolutions", (3,), r"attention_resolutions=\(3,\) .* occur in this U-Net: \(8, 4\)"),
     ("sampling", "steps", 5000, r"config.sampling.steps \(5000\) exceeds"),
+    ("training", "eval_every", -1, r"config.training: eval_every=-1 is not allowed: must be an integer >= 0"),
+    ("training", "eval_samples", 1, r"config.training: eval_samples=1 is not allowed: must be an integer >= 2"),
 ])
 def test_config_errors_name_the_field(section, key, value, message):
   raw = tiny_config()

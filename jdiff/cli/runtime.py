@@ -42,13 +42,21 @@ class _Console(logging.Formatter):
     return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
 
 
+BACKGROUND_WRITERS = (f"orbax{os.sep}", f"clu{os.sep}asynclib.py")
+
+
 class _OwnInfo(logging.Filter):
   """INFO lines from jdiff only; warnings from anyone but TFDS, which warns about its own bookkeeping while it
-  builds jdiff's offline datasets (its failures raise, and jdiff reports those)."""
+  builds jdiff's offline datasets (its failures raise, and jdiff reports those), and the background threads of
+  orbax's saves and clu's metric writer, which log each failure (with tracebacks) that they then raise in the
+  training loop, where jdiff reports it in one line; asyncio logs orbax's failed writes once more."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if f"{os.sep}tensorflow_datasets{os.sep}" in record.pathname:
       return record.levelno >= logging.ERROR
+    if (any(f"{os.sep}{name}" in record.pathname for name in BACKGROUND_WRITERS)
+        or (record.name == "asyncio" and "orbax" in record.getMessage())):
+      return record.levelno >= logging.CRITICAL
     return record.levelno >= logging.WARNING or f"{os.sep}jdiff{os.sep}" in record.pathname
 
 
@@ -59,11 +67,20 @@ def console_logging() -> None:
   handler.addFilter(_OwnInfo())
 
 
+def _unraisable(unraisable) -> None:
+  """After a save fails, tensorstore completes the save's other writes once orbax has closed their event loop, and
+  each completion's callback raises "Event loop is closed"; the failure itself is reported, so these are not."""
+  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def start_cli(argv: list[str]) -> None:
   """What train.py and sample.py do first: refuse stray arguments, log jdiff's lines plainly, cache compilations."""
   if len(argv) > 1:
     fail(os.path.basename(argv[0]), f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)")
   console_logging()
+  sys.unraisablehook = _unraisable
   enable_compilation_cache()
 
 

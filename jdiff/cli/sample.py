@@ -8,7 +8,9 @@ PNG grid or an .npz of raw arrays.
   python sample.py --model stable-diffusion-v1-5 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 25 \
     --guidance_scale 7.5 --height 512 --width 512 --num 1 --out cat.png
 
-Flags are checked before the model loads; sampling imports no training code and no TensorFlow.
+Flags are checked before the model loads; sampling imports no training code and no TensorFlow. The output is
+locked (OUT.lock) from the start, so a second sample.py into the same file is refused at once, and written to a
+temporary file that is renamed over it at the end.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 
 from absl import app, flags
 
+from jdiff import locks
 from jdiff.cli import runtime
 
 FLAGS = flags.FlagValues()  # its own: both CLIs can load in one process (the tests do)
@@ -75,11 +78,32 @@ def output_path() -> str:
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "sample.png")
   if not out.endswith((".png", ".npz")):
     raise ValueError(f"--out={out!r} must end in .png (a grid) or .npz (raw arrays)")
-  if os.path.exists(out) and not _OVERWRITE.value:
-    raise ValueError(f"--out={out!r} exists; choose another path or pass --overwrite to replace it")
   if os.path.isdir(out):
     raise ValueError(f"--out={out!r} is a directory; give a file path")
   return out
+
+
+def lock_output(out: str) -> locks.Lock:
+  """The lock on `out` (OUT.lock) for the whole run, so that two sample.py never write one file; an existing `out`
+  is refused, under the lock, unless --overwrite."""
+  lock = locks.acquire(f"{out}.lock", f"--out={out!r}", "wait for it to finish or choose another --out")
+  if os.path.exists(out) and not _OVERWRITE.value:
+    lock.release()
+    raise ValueError(f"--out={out!r} exists; choose another path or pass --overwrite to replace it")
+  return lock
+
+
+def write(samples, out: str) -> None:
+  """Writes a temporary file beside `out` and renames it over `out`: readers see the old file or the new one,
+  never half of one."""
+  root, ext = os.path.splitext(out)
+  temporary = f"{root}.tmp-{os.getpid()}{ext}"
+  try:
+    samples.save(temporary, columns=_INTERPOLATE.value)  # an interpolation strip is one row
+    os.replace(temporary, out)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def check_flags() -> None:
@@ -118,8 +142,14 @@ def main(argv):
   try:
     check_flags()
     out = output_path()
-  except ValueError as e:
+    lock = lock_output(out)
+  except (ValueError, OSError, locks.LockedError) as e:
     runtime.fail(PROGRAM, e)
+  with lock:
+    sample_to(out)
+
+
+def sample_to(out: str) -> None:
   runtime.tune_cpu_process(cpu_devices=_CPU_DEVICES.value or (1 if _MODEL.value else 0),
                            keep_host_memory=_KEEP_HOST_MEMORY.value,
                            micro_batch=_INTERPOLATE.value or min(_NUM.value, _BATCH.value))
@@ -142,7 +172,7 @@ def main(argv):
   except (ValueError, TypeError, FileNotFoundError, ConfigError, CheckpointError) as e:
     runtime.fail(PROGRAM, e)
   try:
-    samples.save(out, columns=_INTERPOLATE.value)  # an interpolation strip is one row
+    write(samples, out)
   except OSError as e:
     runtime.fail(PROGRAM, f"cannot write --out={out!r}: {e}")
   origin = _MODEL.value if _MODEL.value else f"checkpoint {pipe.step} of {_WORKDIR.value}"

@@ -5,7 +5,8 @@
 
 --config takes a config file or the name of a bundled one (jdiff.configs); any field can be overridden with
 --config.a.b=v. Rerunning with the same --workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C saves a
-checkpoint and exits 0 (docs/reliability.md). Flags and the config are checked before anything heavy loads.
+checkpoint and exits 0 (docs/reliability.md). Flags, the config and the work dir (a directory we can write that no
+other process trains in) are checked before anything heavy loads.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdiff import configs
+from jdiff import configs, locks
 from jdiff.cli import runtime
 
 PROGRAM = "train.py"
@@ -37,16 +38,26 @@ def define_flags(argv: list[str]) -> flags.FlagValues:
   return fv
 
 
+# What a run writes inside its work dir, when they exist already (a run being resumed).
+RUN_DIRS = ("checkpoints", "samples")
+
+
 def check_workdir(workdir: str) -> None:
-  """A work dir that is a file, or that cannot be created or written, is refused before anything runs."""
+  """A work dir that is a file, or that cannot be created or written (its checkpoints and samples directories
+  included, for a run being resumed), is refused before anything runs."""
   path = os.path.abspath(workdir)
   existing = path
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
     raise ValueError(f"--workdir={workdir!r}: {existing} is a file, not a directory; choose another --workdir")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir={workdir!r}: {existing} is not writable; choose a directory you can write to")
+  writable = [existing] + [d for d in (os.path.join(path, name) for name in RUN_DIRS) if os.path.isdir(d)]
+  for directory in writable:
+    if not os.access(directory, os.W_OK | os.X_OK):
+      raise ValueError(f"--workdir={workdir!r}: {directory} is not writable; choose a directory you can write to")
+
+
+WORKDIR_BUSY = "wait for it to finish, stop it, or choose another --workdir"
 
 
 def main(argv, fv: flags.FlagValues):
@@ -56,26 +67,29 @@ def main(argv, fv: flags.FlagValues):
   try:
     check_workdir(fv.workdir)
     config = parse_vae_config(raw) if is_vae_config(raw) else parse_config(raw)
-  except (ValueError, ConfigError) as e:
+    multi_process = config.parallel.multi_process()
+    if not multi_process:  # A job's other processes find process 0's lock: the training loop asks for them.
+      locks.check_free(locks.workdir_lock(fv.workdir), f"--workdir={fv.workdir}", WORKDIR_BUSY)
+  except (ValueError, ConfigError, locks.LockedError) as e:
     runtime.fail(PROGRAM, e)
-  from jdiff.train import distributed
   tc = config.training
   # A multi-process job keeps one CPU device per process: its mesh spans the processes.
-  runtime.tune_cpu_process(cpu_devices=1 if distributed.wants_initialize(config.parallel) else fv.cpu_devices,
+  runtime.tune_cpu_process(cpu_devices=1 if multi_process else fv.cpu_devices,
                            micro_batch=tc.batch_size // tc.grad_accum_steps, fsdp=config.parallel.fsdp,
                            keep_host_memory=fv.keep_host_memory)
-  from jdiff.checkpoint import CheckpointError
+  from jdiff.checkpoint import CheckpointError, CheckpointSaveError
   from jdiff.data import DatasetUnavailableError
   from jdiff.train import train_and_evaluate
   from jdiff.train.faults import NonFiniteError
+  from jdiff.train.loop import FileSystemError
   try:
     result = train_and_evaluate(raw, fv.workdir)
-  except (ConfigError, DatasetUnavailableError, CheckpointError) as e:
-    logging.flush()
-    runtime.fail(PROGRAM, e)
-  except NonFiniteError as e:
+  except (NonFiniteError, CheckpointSaveError, FileSystemError, OSError) as e:  # OSError: before training starts
     logging.flush()
     runtime.fail(PROGRAM, e, status=1)
+  except (ConfigError, DatasetUnavailableError, CheckpointError, locks.LockedError) as e:
+    logging.flush()
+    runtime.fail(PROGRAM, e)
   report(result, is_vae_config(raw))
 
 

@@ -5,6 +5,7 @@ and writes its own shards of the checkpoint. On CPU the processes' collectives g
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -14,23 +15,16 @@ from absl import logging
 from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 
+from jdiff import locks
 from jdiff.config import ConfigError, ParallelConfig
 
-COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 BARRIER_TIMEOUT_S = 3600
 _barrier_ids = itertools.count()
 
 
-def wants_initialize(cfg: ParallelConfig) -> bool:
-  """Whether this process should join a multi-process job (see ParallelConfig.distributed)."""
-  if cfg.distributed == "auto":
-    return bool(cfg.coordinator_address or os.environ.get(COORDINATOR_ENV))
-  return cfg.distributed == "on"
-
-
 def initialize(cfg: ParallelConfig) -> None:
   """Calls jax.distributed.initialize once when the config asks for it; a no-op for a single process."""
-  if not wants_initialize(cfg) or jax.distributed.is_initialized():
+  if not cfg.multi_process() or jax.distributed.is_initialized():
     return
   try:
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
@@ -76,3 +70,29 @@ def any_process(reason: str | None) -> str | None:
     return reason
   flags = multihost_utils.process_allgather(np.int32(reason is not None))
   return reason or ("a signal to another process" if np.any(flags) else None)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds the work dir's lock (jdiff/locks.py) for the job: process 0 takes it, so a job on a file system its
+  hosts share has one lock, not one per host. Every process raises LockedError if process 0 could not take it."""
+  lock = error = None
+  if jax.process_index() == 0:
+    try:
+      lock = locks.acquire(locks.workdir_lock(workdir), f"work dir {os.path.abspath(workdir)}",
+                           "wait for it to finish, stop it, or train in another work dir")
+    except Exception as e:  # The other processes must hear of any failure before it is raised.
+      error = e
+  failed = error is not None
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+  if error is not None:
+    raise error
+  if failed:
+    raise locks.LockedError(f"work dir {os.path.abspath(workdir)} is in use: process 0 of this job could not lock "
+                            "it (its log names the holder)")
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()

@@ -2,23 +2,26 @@
 
 Every kind of training (the U-Net, the VAE) is a trainer: it parses its config and supplies its state, a pure
 step function, its batches and what to write now and then. The loop owns the rest, the same for all of them:
-multi-process start-up, the mesh, resuming from the latest readable checkpoint (setting damaged ones aside),
-SIGTERM/SIGINT (finish the step, save, return), the non-finite guard, metrics to TensorBoard, periodic checkpoints
-and samples, and the final evaluation.
+multi-process start-up, the work dir's lock (one training job per work dir), the mesh, resuming from the latest
+readable checkpoint (setting damaged ones aside), SIGTERM/SIGINT (finish the step, save, return), the non-finite
+guard, metrics to TensorBoard, periodic checksummed checkpoints (a failed save stops training at once), samples and
+evaluations, and the final evaluation.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
+from clu import asynclib, metric_writers
 
 from jdiff import checkpoint, sharding
 from jdiff.config import ConfigError
+from jdiff.data import tf_import
 from jdiff.train import distributed, faults
 from jdiff.train.state import TrainState
 
@@ -38,6 +41,7 @@ class Trainer(Protocol):
   def prepare(self, batch: dict, step: int) -> dict: ...  # on the devices, before the step (e.g. to latents)
   def write_samples(self, state: TrainState, step: int, writer) -> None: ...
   def finish(self, state: TrainState, step: int, writer) -> None: ...
+  # Optional: evaluate(state, step, writer), called every training.eval_every steps.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +56,45 @@ class TrainResult:
 TrainerFactory = Callable[..., Trainer]  # (config, raw, workdir, mesh, start_step) -> Trainer
 
 
+class FileSystemError(RuntimeError):
+  """Training stopped because a file could not be written or read (a full disk, say): its logs, a sample grid."""
+
+
 def run(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> TrainResult:
-  """Trains (or resumes) in `workdir` with the trainer that make_trainer builds for the typed `config`."""
+  """Trains (or resumes) in `workdir` with the trainer that make_trainer builds for the typed `config`; raises
+  locks.LockedError, naming the holder, when another process trains in `workdir`, checkpoint.CheckpointSaveError
+  when a checkpoint cannot be saved, and FileSystemError when another file cannot be written."""
   distributed.initialize(config.parallel)
+  with distributed.workdir_lock(workdir):
+    try:
+      return _train(make_trainer, config, raw, workdir)
+    except (OSError, asynclib.AsyncError, tf_import.tensorflow().errors.OpError) as e:
+      failed_save = _during(e, checkpoint.CheckpointSaveError)
+      if failed_save is not None:  # The logs failed to flush on the way out of a failed save: the save comes first.
+        raise failed_save from None
+      last = checkpoint.latest_step(workdir)
+      kept = (f"the last checkpoint is {checkpoint.checkpoint_dir(workdir)}/{last}" if last is not None
+              else "no checkpoint was written")
+      raise FileSystemError(f"training stopped: {file_error(e)}; {kept}. Fix the cause (free disk space, say) and "
+                            "rerun the same command to resume") from e
+
+
+def _during(error: BaseException, kind: type) -> BaseException | None:
+  """The exception of type `kind` that `error` was raised while handling, if any."""
+  while error is not None and not isinstance(error, kind):
+    error = error.__context__
+  return error
+
+
+def file_error(error: BaseException) -> str:
+  """What failed, from the error at the bottom of the chain (clu's asynchronous writer wraps TensorFlow's)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return re.sub(r"^\{\{[^}]*\}\}\s*", "", line)  # TensorFlow's "{{function_node ...}}" prefix
+
+
+def _train(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> TrainResult:
   mesh = sharding.make_mesh(fsdp=config.parallel.fsdp)
   tc = config.training
   sharding.check_batch_divides(tc.batch_size, mesh, getattr(tc, "grad_accum_steps", 1))
@@ -78,12 +118,13 @@ def run(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> TrainR
   if start == 0:
     writer.write_hparams(_flatten(trainer.raw))
   history, saved, clock = [], start or None, _Clock()
-  with metric_writers.ensure_flushes(writer), faults.StopRequest() as stop, checkpoint.finishing(manager):
+  with metric_writers.ensure_flushes(writer), faults.StopRequest() as stop, checkpoint.Saver(manager) as saver:
     for step in range(start, tc.num_steps):
       batch = trainer.prepare(sharding.global_batch(next(batches), mesh), step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = step_fn(state, batch, rng, *trainer.step_inputs)
       history.append(metrics)
+      saver.check()
       done = step + 1
       if step == start:  # Rates count from the end of the first step, which compiles.
         clock.start(done, jax.block_until_ready(metrics))
@@ -102,7 +143,7 @@ def run(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> TrainR
                      f", {rate:.2f} steps/s, {_duration((tc.num_steps - done) / rate)} left" if rate else "")
         history = []
       if save_now:
-        checkpoint.save(manager, done, state, trainer.raw)
+        saver.save(done, state, trainer.raw)
         saved = done
       if stopping:
         logging.warning("stopped by %s after step %d with a checkpoint in %s; rerun the same command to resume",
@@ -110,6 +151,8 @@ def run(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> TrainR
         break
       if (tc.sample_every and done % tc.sample_every == 0) or done == tc.num_steps:
         trainer.write_samples(state, done, writer)
+      if tc.eval_every and done % tc.eval_every == 0 and hasattr(trainer, "evaluate"):
+        trainer.evaluate(state, done, writer)
     else:
       if start < tc.num_steps:
         trainer.finish(state, tc.num_steps, writer)

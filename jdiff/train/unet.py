@@ -14,6 +14,7 @@ from absl import logging
 
 from jdiff import build, data, images, sharding
 from jdiff.config import Config, ConfigError, parse_config
+from jdiff.metrics import fid, quality
 from jdiff.pipeline import Pipeline
 from jdiff.train import latent
 from jdiff.train.state import TrainState
@@ -37,6 +38,7 @@ class UNetTrainer:
     self.step_inputs = (config.diffusion.make_schedule(),)
     self.step = functools.partial(train_step, config=config)
     self.init_state = functools.partial(create_train_state, config)
+    self._evaluation = None  # (feature network, held-out split, reference statistics), made at the first evaluation
 
   def describe(self, state: TrainState) -> str:
     kind = "latent U-Net" if self.codec else "U-Net"
@@ -75,6 +77,27 @@ class UNetTrainer:
       path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
       images.save_png(grid, path)
       logging.info("sample grid written to %s", path)
+
+  def evaluate(self, state: TrainState, step: int, writer) -> dict:
+    """The Fréchet and kernel distances of training.eval_samples samples (the config's sampler, conditioned like
+    the 'test' split, seeds 0..) to the 'train' split, on the features of a network trained on the dataset
+    (jdiff/metrics/features.py; trained and cached in the data dir at the first evaluation)."""
+    pipe = Pipeline(config=self.config, params=sharding.local_replica(state.ema_params, self.mesh), step=step,
+                    codec=self.codec)
+    if self._evaluation is None:
+      network = quality.own_features(pipe)
+      reference = fid.FeatureStats.of(network(quality.real_split(pipe, "train").images), network.space)
+      self._evaluation = network, quality.real_split(pipe, "test"), reference
+    network, held_out, reference = self._evaluation
+    num = self.config.training.eval_samples
+    images, _ = quality.generate_like(pipe, held_out, num, warm_up=False)
+    result = quality.distances(network(images), reference, network.space,
+                               kid_subset_size=min(num, reference.count, quality.KID_SUBSET_SIZE))
+    name = self.config.data.name
+    writer.write_scalars(step, {f"eval/fd_{name}_features": result["fd"], f"eval/kd_{name}_features": result["kd"]})
+    logging.info("step %d: Fréchet distance %.4g, kernel distance %.4g on %s (%d samples)", step, result["fd"],
+                 result["kd"], network.name, num)
+    return result
 
   def finish(self, state: TrainState, step: int, writer) -> None:
     pass

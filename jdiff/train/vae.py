@@ -94,9 +94,19 @@ class VAETrainer:
     if jax.process_index() == 0:
       images.save_png(grid, os.path.join(self.workdir, "samples", f"reconstructions_{step:07d}.png"))
 
+  def evaluate(self, state: TrainState, step: int, writer) -> float:
+    """The held-out reconstruction PSNR (mean over images, dB), to TensorBoard."""
+    mean = float(np.mean(self._held_out_psnr(state)))
+    writer.write_scalars(step, {"eval/psnr": mean})
+    return mean
+
+  def _held_out_psnr(self, state: TrainState) -> np.ndarray:
+    return psnr(self.held_out, reconstruct(self.config.vae, sharding.local_replica(state.ema_params, self.mesh),
+                                           self.held_out))
+
   def finish(self, state: TrainState, step: int, writer) -> dict:
     """Measures the held-out reconstruction PSNR; logs it and writes it to WORKDIR/reconstruction_psnr.json."""
-    per_image = psnr(self.held_out, reconstruct(self.config.vae, sharding.local_replica(state.ema_params, self.mesh), self.held_out))
+    per_image = self._held_out_psnr(state)
     result = {"step": step, "split": self.config.evaluation.split, "num_images": len(self.held_out),
               "psnr_mean_db": float(np.mean(per_image)), "psnr_median_db": float(np.median(per_image))}
     writer.write_scalars(step, {"eval/psnr": result["psnr_mean_db"]})
