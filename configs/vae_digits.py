@@ -12,8 +12,9 @@ def get_config():
   config.seed = 0
   config.data = dict(name="sklearn_digits", split="train", image_size=32, random_flip=False,
                      data_dir=ml_collections.config_dict.placeholder(str), shuffle_buffer=10_000)
-  config.vae = dict(image_size=32, in_channels=1, latent_channels=4, block_out_channels=(32, 64, 64),
-                    layers_per_block=1, norm_groups=16, mid_attention=True, dtype="float32")
+  config.vae = dict(
+      downsample_padding="end", image_size=32, in_channels=1, latent_channels=4, block_out_channels=(32, 64, 64),
+      layers_per_block=1, norm_groups=16, mid_attention=True, dtype="float32")
   config.loss = dict(reconstruction="l1", kl_weight=1e-6)
   config.training = dict(
       batch_size=32, num_steps=2000, learning_rate=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,

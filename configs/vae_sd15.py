@@ -12,8 +12,9 @@ def get_config():
   config.seed = 0
   config.data = dict(name="cifar10", split="train", image_size=256, random_flip=True,
                      data_dir=ml_collections.config_dict.placeholder(str), shuffle_buffer=10_000)
-  config.vae = dict(image_size=256, in_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                    layers_per_block=2, norm_groups=32, mid_attention=True, dtype="bfloat16")
+  config.vae = dict(
+      downsample_padding="end", image_size=256, in_channels=3, latent_channels=4,
+      block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_groups=32, mid_attention=True, dtype="bfloat16")
   config.loss = dict(reconstruction="l1", kl_weight=1e-6)
   config.training = dict(
       batch_size=16, num_steps=100_000, learning_rate=4.5e-6 * 16, warmup_steps=1000, weight_decay=0.0,

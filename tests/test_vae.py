@@ -52,6 +52,24 @@ def test_sd15_config_has_the_sd15_autoencoder_parameter_count():
   assert vae_param_count(VAEConfig(**dict(vars(config.vae), image_size=64))) == 83_653_863
 
 
+def test_downsample_padding_end_is_the_one_on_every_side_a_pixel_down_and_right():
+  """"end" pads the bottom and right (diffusers' AutoencoderKL), "all" every side: away from the top and left
+  border, "end" sees the image that "all" sees shifted up and left by one pixel."""
+  from jdiff.models.layers import Downsample
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  params = Downsample().init(jax.random.key(1), x)
+  end = Downsample(pad_end=True).apply(params, x)
+  shifted = jnp.pad(x[:, 1:, 1:], ((0, 0), (0, 1), (0, 1), (0, 0)))
+  np.testing.assert_allclose(end[:, 1:, 1:], Downsample().apply(params, shifted)[:, 1:, 1:], atol=1e-6)
+  assert float(jnp.abs(end - Downsample().apply(params, x)).max()) > 0.1
+  # jdiff's configs train with "end"; a stored config without the field (an older checkpoint's) keeps "all".
+  assert parse_vae_config(vae_digits.get_config()).vae.downsample_padding == "end"
+  assert VAEConfig(**TINY_VAE).downsample_padding == "all"
+  from jdiff.interop.configs import diffusers_vae_config
+  with pytest.raises(ValueError, match=r"downsample_padding='all'.* export a VAE trained with downsample_padding"):
+    diffusers_vae_config(VAEConfig(**TINY_VAE), 0.5)
+
+
 def test_vae_shapes_and_config_errors():
   config = VAEConfig(**TINY_VAE)
   model = AutoencoderKL(config)

@@ -211,13 +211,18 @@ def vae_config(raw: dict, dtype: str = "float32", where: str = "vae/config.json"
   config = VAEConfig(image_size=sample_size, in_channels=in_channels, latent_channels=fields.get("latent_channels", 4),
                      block_out_channels=channels, layers_per_block=fields.get("layers_per_block", 1),
                      norm_groups=fields.get("norm_num_groups", 32),
-                     mid_attention=fields.get("mid_block_add_attention", True), dtype=dtype)
+                     mid_attention=fields.get("mid_block_add_attention", True), dtype=dtype,
+                     downsample_padding="end")
   scaling_factor = float(fields.get("scaling_factor", 0.18215))
   fields.done()
   return config, scaling_factor
 
 
 def diffusers_vae_config(config: VAEConfig, scaling_factor: float) -> dict:
+  if config.downsample_padding != "end":
+    raise ValueError(f"this VAE pads its downsampling convs on every side (downsample_padding="
+                     f"{config.downsample_padding!r}), which diffusers' AutoencoderKL cannot express: export a VAE "
+                     "trained with downsample_padding='end', as configs/vae_*.py set it")
   levels = len(config.block_out_channels)
   return dict(_class_name="AutoencoderKL", in_channels=config.in_channels, out_channels=config.in_channels,
               down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,

@@ -9,9 +9,10 @@
 The layout follows the latent-diffusion autoencoder: conv_in, per level `layers_per_block` residual blocks and a
 stride-2 downsample (not after the last level), a middle of ResBlock / self-attention / ResBlock, then GroupNorm,
 SiLU and a conv to 2 * latent_channels (mean and log-variance), and a 1x1 "quant" conv; the decoder mirrors it with
-`layers_per_block + 1` blocks per level and nearest-neighbour upsampling. The downsampling convs pad the bottom and
-right only, as diffusers' AutoencoderKL does, so that its weights give its outputs. With Stable Diffusion 1.5's
-settings (configs/vae_sd15.py) it has the same 83,653,863 parameters as that model's autoencoder.
+`layers_per_block + 1` blocks per level and nearest-neighbour upsampling. With `downsample_padding="end"` the
+downsampling convs pad the bottom and right only, as diffusers' AutoencoderKL does, so that its weights give its
+outputs. With Stable Diffusion 1.5's settings (configs/vae_sd15.py) it has the same 83,653,863 parameters as that
+model's autoencoder.
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ class VAEConfig:
   norm_groups: int = 32
   mid_attention: bool = True
   dtype: str = "float32"
+  # How the encoder's stride-2 convs pad: "end" (bottom and right, as diffusers' AutoencoderKL, whose weights then
+  # give its outputs; jdiff's configs use it) or "all" (one on every side: the default, so that a checkpoint whose
+  # stored config predates the field encodes as it was trained).
+  downsample_padding: str = "all"
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -48,6 +53,8 @@ class VAEConfig:
              "block_out_channels", self.block_out_channels, "a non-empty tuple of positive integers")
     _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
     _require(isinstance(self.mid_attention, bool), "mid_attention", self.mid_attention, "True or False")
+    _require(self.downsample_padding in ("all", "end"), "downsample_padding", self.downsample_padding,
+             "'end' (diffusers' layout) or 'all'")
     for width in self.block_out_channels:
       _require(width % self.norm_groups == 0, "norm_groups", self.norm_groups,
                f"a divisor of every level's channel count {self.block_out_channels}")
@@ -142,7 +149,7 @@ class Encoder(nn.Module):
       for i in range(cfg.layers_per_block):
         h = VAEResBlock(features, cfg.norm_groups, dtype, name=f"down{level}_res{i}")(h)
       if level != last:
-        h = Downsample(dtype, pad_end=True, name=f"down{level}_downsample")(h)
+        h = Downsample(dtype, pad_end=cfg.downsample_padding == "end", name=f"down{level}_downsample")(h)
     h = MidBlock(cfg.norm_groups, cfg.mid_attention, dtype, name="mid")(h)
     h = nn.silu(group_norm(h, cfg.norm_groups, "norm_out")).astype(dtype)
     h = conv3x3(2 * cfg.latent_channels, dtype, "conv_out")(h)
