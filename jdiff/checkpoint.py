@@ -13,12 +13,14 @@ naming the step, the path, the cause and the last good checkpoint, with the part
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -120,9 +122,10 @@ class Saver:
   def _failed(self, error: Exception):
     step, self._pending = self._pending, None
     directory = str(self.manager.directory)
+    with contextlib.suppress(Exception):  # Let orbax's other writer threads end before removing their files.
+      self.manager.wait_until_finished()
     if jax.process_index() == 0:
-      for partial in glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")):
-        shutil.rmtree(partial, ignore_errors=True)
+      _remove_partial_save(directory, step)
     self.manager.reload()
     good = [s for s in self.manager.all_steps() if s != step]
     last = (f"the last good checkpoint is {os.path.join(directory, str(max(good)))}" if good
@@ -131,6 +134,17 @@ class Saver:
         f"could not save the checkpoint of step {step} to {os.path.join(directory, str(step))}: {save_cause(error)}; "
         f"its partial files are removed and {last}. Fix the cause (free disk space, say) and rerun the same "
         "command to resume") from error
+
+
+def _remove_partial_save(directory: str, step: int, attempts: int = 50) -> None:
+  """Removes the temporary directory of a failed save of `step`, again while a straggling writer recreates it."""
+  for _ in range(attempts):
+    partials = glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*"))
+    if not partials:
+      return
+    for partial in partials:
+      shutil.rmtree(partial, ignore_errors=True)
+    time.sleep(0.1)
 
 
 def _on_every_process(flag: bool) -> bool:
