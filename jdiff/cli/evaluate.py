@@ -46,7 +46,8 @@ _INCEPTION = flags.DEFINE_string("inception", None, "pytorch-fid's pt_inception-
                                  "made from it (python -m jdiff.metrics.inception IN.pth OUT.npz).", flag_values=FLAGS)
 _SAMPLER = flags.DEFINE_string("sampler", None, "Sampler (default: the config's).", flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).", flag_values=FLAGS)
-_SPACING = flags.DEFINE_string("spacing", None, "Timestep spacing or karras (default: the config's).", flag_values=FLAGS)
+_SPACING = flags.DEFINE_string("spacing", None, "Timestep spacing or karras (default: the config's).",
+                               flag_values=FLAGS)
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Guidance scale (default: the config's).", flag_values=FLAGS)
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta / ancestral noise (default: the config's).", flag_values=FLAGS)
 _LIKELIHOOD_NUM = flags.DEFINE_integer("likelihood_num", 0, "Images of --split for the likelihood (0: all).",

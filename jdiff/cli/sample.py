@@ -34,14 +34,16 @@ _VARIANT = flags.DEFINE_string("variant", None, "--model only: the weight files'
 _OUT = flags.DEFINE_string("out", None, "Output file: .png for a grid, .npz for raw arrays "
                            "(default: WORKDIR/samples/sample.png; required with --model).", flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=FLAGS)
-_CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step to load (default: the latest).", flag_values=FLAGS)
+_CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step to load (default: the latest).",
+                                   flag_values=FLAGS)
 _NUM = flags.DEFINE_integer("num", 64, "Number of images.", flag_values=FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "Image i uses seed SEED + i.", flag_values=FLAGS)
 _PROMPT = flags.DEFINE_string("prompt", None, "Text models: the prompt of every image (default: cycle through "
                               "the config's text.sample_prompts); \"\" samples unconditionally.", flag_values=FLAGS)
 _NEGATIVE_PROMPT = flags.DEFINE_string("negative_prompt", None, "Text models: a prompt to steer away from, in place "
                                        "of the empty prompt.", flag_values=FLAGS)
-_LABEL = flags.DEFINE_integer("label", None, "Class models: the class of every image (default: cycle through them).", flag_values=FLAGS)
+_LABEL = flags.DEFINE_integer("label", None, "Class models: the class of every image (default: cycle through them).",
+                              flag_values=FLAGS)
 _NEGATIVE_LABEL = flags.DEFINE_integer("negative_label", None, "A class to steer away from, in place of the null "
                                        "class.", flag_values=FLAGS)
 _SAMPLER = flags.DEFINE_string("sampler", None, "Sampler name (default: the config's; --model: the scheduler "
@@ -52,15 +54,20 @@ _SPACING = flags.DEFINE_string("spacing", None, "Timestep spacing: leading, trai
                                "spacing replaces with jdiff's own).", flag_values=FLAGS)
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; 1 = none (default: the "
                                "config's).", flag_values=FLAGS)
-_RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi in [0, 1] (Lin et al., 2023).", flag_values=FLAGS)
+_RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi in [0, 1] (Lin et al., 2023).",
+                              flag_values=FLAGS)
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta / ancestral noise (default: the config's).", flag_values=FLAGS)
 _CLIP = flags.DEFINE_bool("clip_x0", None, "Clip each denoised estimate to [-1, 1] (--noclip_x0: don't); default: "
                           "the config's, which clips pixel models and not latent ones.", flag_values=FLAGS)
 _INTERPOLATE = flags.DEFINE_integer("interpolate", None, "Write a strip of this many frames interpolating from seed "
-                                    "SEED's noise to --seed_end's (and from --label to --label_end) instead.", flag_values=FLAGS)
-_SEED_END = flags.DEFINE_integer("seed_end", None, "Last frame's seed for --interpolate (default: SEED + 1).", flag_values=FLAGS)
-_LABEL_END = flags.DEFINE_integer("label_end", None, "Last frames' class for --interpolate (default: --label).", flag_values=FLAGS)
-_PROMPT_END = flags.DEFINE_string("prompt_end", None, "Last frames' prompt for --interpolate (default: --prompt).", flag_values=FLAGS)
+                                    "SEED's noise to --seed_end's (and from --label to --label_end) instead.",
+                                    flag_values=FLAGS)
+_SEED_END = flags.DEFINE_integer("seed_end", None, "Last frame's seed for --interpolate (default: SEED + 1).",
+                                 flag_values=FLAGS)
+_LABEL_END = flags.DEFINE_integer("label_end", None, "Last frames' class for --interpolate (default: --label).",
+                                  flag_values=FLAGS)
+_PROMPT_END = flags.DEFINE_string("prompt_end", None, "Last frames' prompt for --interpolate (default: --prompt).",
+                                  flag_values=FLAGS)
 _HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model's size).", flag_values=FLAGS)
 _WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's size).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.", flag_values=FLAGS)

@@ -110,8 +110,8 @@ def _train(make_trainer: TrainerFactory, config, raw: dict, workdir: str) -> Tra
   logging.info("%s; training steps %d..%d on %d device(s), mesh %s", trainer.describe(state), start, tc.num_steps,
                mesh.size, dict(mesh.shape))
   repl = sharding.replicated(mesh)
-  step_fn = jax.jit(trainer.step, donate_argnums=0, out_shardings=(state_sharding, repl),
-                    in_shardings=(state_sharding, sharding.batch_sharded(mesh), repl) + (repl,) * len(trainer.step_inputs))
+  in_shardings = (state_sharding, sharding.batch_sharded(mesh), repl) + (repl,) * len(trainer.step_inputs)
+  step_fn = jax.jit(trainer.step, donate_argnums=0, in_shardings=in_shardings, out_shardings=(state_sharding, repl))
   step_fn = distributed.compile_then_sync(step_fn)
   rng = jax.random.key(trainer.config.seed)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
