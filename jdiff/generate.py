@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jdiff import samplers, sharding
+from jdiff import editing, samplers, sharding
 from jdiff.models.text import TextEncoder, TextToImageUNet
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule
@@ -26,6 +26,13 @@ def unet_model_fn(model: UNet | TextToImageUNet, params):
 def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidance_scale, guidance_rescale, eta, *,
                  model: UNet, prediction: str, sampler: str, steps: int, spacing: str, guided: bool,
                  clip_x0: bool):
+  model_fn, labels = _conditioned(model, params, labels, uncond, guidance_scale, guidance_rescale, guided)
+  return samplers.sample(model_fn, schedule, noise, labels, sampler=sampler, steps=steps,
+                         prediction=prediction, rng=keys, eta=eta, spacing=spacing, clip_x0=clip_x0)
+
+
+def _conditioned(model, params, labels, uncond, guidance_scale, guidance_rescale, guided: bool):
+  """(model_fn, cond): the U-Net as the samplers call it, guided if asked, and the condition it takes."""
   model_fn = unet_model_fn(model, params)
   if isinstance(model, TextToImageUNet):  # the prompts' hidden states once, not at every step
     labels, uncond = text_context(model, params, labels), text_context(model, params, jnp.atleast_2d(uncond))
@@ -34,8 +41,7 @@ def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidan
   if guided:
     model_fn = samplers.guided_model_fn(model_fn, guidance_scale=guidance_scale, uncond=uncond,
                                         guidance_rescale=guidance_rescale)
-  return samplers.sample(model_fn, schedule, noise, labels, sampler=sampler, steps=steps,
-                         prediction=prediction, rng=keys, eta=eta, spacing=spacing, clip_x0=clip_x0)
+  return model_fn, labels
 
 
 def text_context(model: TextToImageUNet, params, ids):
@@ -70,26 +76,53 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
   """
   eta = samplers.DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
   noise, keys = spread_batch(params, noise, keys)
+  labels, uncond, guided = _conditions(model, len(noise), labels, negative_labels, guidance_scale)
+  return _sample_unet(params, schedule, noise, keys, labels, uncond, jnp.float32(guidance_scale),
+                      jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
+                      sampler=sampler, steps=steps, spacing=spacing, guided=guided, clip_x0=clip_x0)
+
+
+def _conditions(model, batch: int, labels, negative_labels, guidance_scale):
+  """(labels, uncond, guided): the condition and null condition arrays sample_unet documents, and whether to guide."""
   if isinstance(model, TextToImageUNet):
     if labels is None or negative_labels is None:
       raise ValueError("a text model samples from prompt token ids (labels) and the negative or empty prompt's "
                        "(negative_labels)")
-    return _sample_unet(params, schedule, noise, keys, jnp.asarray(labels, jnp.int32),
-                        jnp.asarray(negative_labels, jnp.int32), jnp.float32(guidance_scale),
-                        jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
-                        sampler=sampler, steps=steps, spacing=spacing, guided=guidance_scale != 1.0,
-                        clip_x0=clip_x0)
+    return jnp.asarray(labels, jnp.int32), jnp.asarray(negative_labels, jnp.int32), guidance_scale != 1.0
   num_classes = model.config.num_classes
-  if num_classes:
-    null = jnp.full((noise.shape[0],), num_classes, jnp.int32)
-    labels = null if labels is None else jnp.asarray(labels, jnp.int32)
-    uncond = null if negative_labels is None else jnp.asarray(negative_labels, jnp.int32)
-  else:
-    labels = uncond = None
-  guided = bool(num_classes) and (guidance_scale != 1.0 or negative_labels is not None)
-  return _sample_unet(params, schedule, noise, keys, labels, uncond, jnp.float32(guidance_scale),
-                      jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
-                      sampler=sampler, steps=steps, spacing=spacing, guided=guided, clip_x0=clip_x0)
+  if not num_classes:
+    return None, None, False
+  null = jnp.full((batch,), num_classes, jnp.int32)
+  guided = guidance_scale != 1.0 or negative_labels is not None
+  return (null if labels is None else jnp.asarray(labels, jnp.int32),
+          null if negative_labels is None else jnp.asarray(negative_labels, jnp.int32), guided)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prediction", "sampler", "steps", "spacing", "guided",
+                                             "clip_x0", "strength", "resample_jumps", "resample_rounds"))
+def _edit_unet(params, schedule: Schedule, x0, noise, mask, keys, labels, uncond, guidance_scale, guidance_rescale,
+               eta, *, model, prediction, sampler, steps, spacing, guided, clip_x0, strength, resample_jumps,
+               resample_rounds):
+  model_fn, labels = _conditioned(model, params, labels, uncond, guidance_scale, guidance_rescale, guided)
+  return editing.edit(model_fn, schedule, x0, noise, labels, mask=mask, strength=strength, sampler=sampler,
+                      steps=steps, prediction=prediction, rng=keys, eta=eta, spacing=spacing, clip_x0=clip_x0,
+                      resample_jumps=resample_jumps, resample_rounds=resample_rounds)
+
+
+def edit_unet(model: UNet, params, schedule: Schedule, x0, noise, keys, *, mask=None, strength: float = 1.0,
+              resample_jumps: int = 0, resample_rounds: int = 0, labels=None, negative_labels=None,
+              prediction: str = "eps", sampler: str = "ddim", steps: int = 50, spacing: str = "trailing",
+              guidance_scale: float = 1.0, guidance_rescale: float = 0.0, eta: float | None = None,
+              clip_x0: bool = True):
+  """jdiff.editing.edit with a U-Net: x0 (images in [-1, 1], or latents) [B, H, W, C] edited from `noise` like it,
+  per-example keys [B], and a mask [B, H, W, 1] (1: regenerate) for inpainting; conditions as sample_unet."""
+  eta = samplers.DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
+  x0, noise, keys = spread_batch(params, x0, noise, keys)
+  labels, uncond, guided = _conditions(model, len(noise), labels, negative_labels, guidance_scale)
+  return _edit_unet(params, schedule, x0, noise, mask, keys, labels, uncond, jnp.float32(guidance_scale),
+                    jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
+                    sampler=sampler, steps=steps, spacing=spacing, guided=guided, clip_x0=clip_x0,
+                    strength=float(strength), resample_jumps=resample_jumps, resample_rounds=resample_rounds)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prediction", "steps", "spacing", "refine", "clip_x0"))

@@ -235,6 +235,134 @@ class Pipeline:
                                       prediction=self.config.diffusion.prediction, steps=options["steps"],
                                       spacing=options["spacing"], refine=refine, clip_x0=options["clip_x0"]))
 
+  def img2img(self, images: np.ndarray, prompt: str | Sequence[str] | None = None, *, strength: float = 0.8,
+              label: int | Sequence[int] | None = None, seed: int = 0, latents: np.ndarray | None = None,
+              batch_size: int = 256, progress: Progress | None = None, **options) -> Samples:
+    """uint8 `images` [N, H, W, C] redrawn (SDEdit): noised to the level of the first of the last
+    int(steps * strength) steps, which then run (diffusers' img2img). strength 0 returns the images (through the
+    VAE for a latent model); 1 regenerates them from noise. prompt / label as generate, one or one per image;
+    latents: the noise [N, *noise_shape] in place of seed's; options: generate's sampling options."""
+    return self._edit(images, None, prompt, label, strength=strength, seed=seed, latents=latents,
+                      batch_size=batch_size, progress=progress, options=options)
+
+  def inpaint(self, images: np.ndarray, mask: np.ndarray, prompt: str | Sequence[str] | None = None, *,
+              strength: float = 1.0, resample_jumps: int = 0, resample_rounds: int = 0,
+              label: int | Sequence[int] | None = None, seed: int = 0, latents: np.ndarray | None = None,
+              batch_size: int = 256, progress: Progress | None = None, **options) -> Samples:
+    """uint8 `images` [N, H, W, C] with the region where `mask` is 1 (white) regenerated and the rest kept, with
+    any model (jdiff.editing): a pixel model's output equals the images outside the mask exactly; a latent model
+    regenerates every latent pixel the mask touches and decodes the whole image.
+
+    mask: [H, W] or [N, H, W] (a trailing axis of 1 allowed), bool, uint8 (>= 128: regenerate) or float in [0, 1].
+    strength < 1 starts the masked region from the image noised part-way, as img2img. resample_jumps,
+    resample_rounds: RePaint's resampling, each segment of that many steps sampled again that many times.
+    Everything else as img2img."""
+    return self._edit(images, mask, prompt, label, strength=strength, seed=seed, latents=latents,
+                      batch_size=batch_size, progress=progress, options=options, resample_jumps=resample_jumps,
+                      resample_rounds=resample_rounds)
+
+  def outpaint(self, images: np.ndarray, prompt: str | Sequence[str] | None = None, *, left: int = 0,
+               right: int = 0, top: int = 0, bottom: int = 0, overlap: int = 2, **inpaint_options) -> Samples:
+    """uint8 `images` [N, H, W, C] on a canvas extended by that many pixels on each side, the new area inpainted.
+    The new area starts as the nearest edge pixels (what strength < 1 starts from), and the mask reaches `overlap`
+    pixels into the image so the seam itself is redrawn. The canvas must be a size the model runs at.
+    inpaint_options: inpaint's (strength, resample_jumps, resample_rounds, label, seed, sampling options)."""
+    images = self._check_images(images)
+    sides = dict(left=left, right=right, top=top, bottom=bottom, overlap=overlap)
+    for name, value in sides.items():
+      if not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a whole number of pixels >= 0")
+    if not left + right + top + bottom:
+      raise ValueError("outpaint needs a side to extend: pass left=, right=, top= or bottom= (pixels)")
+    n, h, w, _ = images.shape
+    height, width = h + top + bottom, w + left + right
+    try:
+      self._noise_shape(height, width)
+    except ValueError as error:
+      raise ValueError(f"outpainting {h}x{w} images by left={left}, right={right}, top={top}, bottom={bottom} gives "
+                       f"{height}x{width}: {error}; change the extension") from None
+    canvas = np.pad(images, ((0, 0), (top, bottom), (left, right), (0, 0)), mode="edge")
+    kept = np.zeros((height, width), bool)
+    reach = lambda side: overlap if side else 0
+    kept[top + reach(top): top + h - reach(bottom), left + reach(left): left + w - reach(right)] = True
+    return self.inpaint(canvas, np.broadcast_to(~kept, (n, height, width)), prompt, **inpaint_options)
+
+  def _check_images(self, images) -> np.ndarray:
+    images = np.asarray(images)
+    channels = self.image_shape[-1]
+    if images.dtype != np.uint8 or images.ndim != 4:
+      raise ValueError(f"images must be uint8 [N, H, W, {channels}], got {images.dtype} {list(images.shape)}")
+    if images.shape[-1] != channels:
+      raise ValueError(f"images have {images.shape[-1]} channels, this model takes {channels}: convert them to "
+                       f"{'grayscale' if channels == 1 else 'RGB' if channels == 3 else f'{channels} channels'}")
+    return images
+
+  def _check_mask(self, mask, images: np.ndarray) -> np.ndarray:
+    """The mask as float [N, H, W, 1] at the images' size, 1 = regenerate."""
+    n, h, w, _ = images.shape
+    mask = np.asarray(mask)
+    if mask.ndim in (3, 4) and mask.shape[-1] == 1 and mask.shape[-3:-1] == (h, w):
+      mask = mask[..., 0]
+    if mask.shape not in ((h, w), (n, h, w)):
+      raise ValueError(f"mask has shape {list(mask.shape)} but the images are {h}x{w}: give a mask [{h}, {w}] or "
+                       f"[{n}, {h}, {w}] (1 or white = regenerate)")
+    if mask.dtype == np.uint8:
+      mask = mask >= 128
+    mask = mask.astype(np.float32)
+    if not np.all((mask >= 0) & (mask <= 1)):
+      raise ValueError("mask values must be in [0, 1] (1 = regenerate), or bool, or uint8 (white = regenerate)")
+    return np.broadcast_to(mask, (n, h, w))[..., None]
+
+  def _edit(self, images, mask, prompt, label, *, strength: float, seed: int, latents, batch_size: int, progress,
+            options: dict, resample_jumps: int = 0, resample_rounds: int = 0) -> Samples:
+    images = self._check_images(images)
+    num, h, w, _ = images.shape
+    shape = self._noise_shape(h, w)
+    if not (isinstance(strength, (int, float, np.floating)) and 0.0 <= strength <= 1.0):
+      raise ValueError(f"strength={strength!r} must be in [0, 1] (0 keeps the images, 1 regenerates them)")
+    for name, value in (("resample_jumps", resample_jumps), ("resample_rounds", resample_rounds)):
+      if not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a whole number >= 0 (0: no resampling)")
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be at least 1")
+    _check_seeds(seed, seed + num - 1)
+    mask = None if mask is None else self._check_mask(mask, images)
+    if mask is not None and self.codec:  # a latent pixel is regenerated where any image pixel it covers is
+      f = self.codec.vae.downsample_factor
+      mask = mask.reshape(num, h // f, f, w // f, f, 1).max(axis=(2, 4))
+    options = self._sampling_options(**options)
+    seeds = np.arange(seed, seed + num, dtype=np.int64)
+    prompts = self._prompts(prompt, num)
+    conds = self._cond(label, prompts, num)
+    noise = None if latents is None else self._check_latents(latents, num, shape)
+    size = min(batch_size, num)
+    outputs = []
+    for start in range(0, num, size):
+      part = slice(start, min(start + size, num))
+      n = part.stop - part.start
+      pad = lambda a: None if a is None else np.concatenate([a[part], np.repeat(a[part][-1:], size - n, axis=0)])
+      x0 = imaging.uint8_to_model_range(pad(images))
+      x0 = np.asarray(self.codec.encode(x0)) if self.codec else x0  # the posterior mean
+      seeded, keys = gen.seeded_noise(shape, pad(seeds))
+      edited = self._edit_batch(x0, seeded if noise is None else pad(noise), pad(mask), keys, pad(conds), options,
+                                strength=float(strength), resample_jumps=int(resample_jumps),
+                                resample_rounds=int(resample_rounds))
+      outputs.append(edited[:n])
+      if progress:
+        progress(part.stop, num)
+    sampled = np.concatenate(outputs)
+    return self._samples(sampled, seeds, prompts, None if prompts else conds, None)
+
+  def _edit_batch(self, x0, noise, mask, keys, conds, options: dict, **edit_options) -> np.ndarray:
+    options = dict(options)
+    negative = options.pop("negative_label")
+    schedule = options.pop("schedule")
+    negatives = None if negative is None else np.broadcast_to(np.asarray(negative, np.int32),
+                                                              (len(noise),) + np.shape(negative))
+    return np.asarray(gen.edit_unet(self.model, self.params, schedule, x0, noise, keys, mask=mask, labels=conds,
+                                    negative_labels=negatives, prediction=self.config.diffusion.prediction,
+                                    **options, **edit_options))
+
   def _count(self, num, prompt, label, latents) -> int:
     if prompt is not None and not (isinstance(prompt, str) or _is_str_sequence(prompt)):
       raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r}; to set how many images, "
