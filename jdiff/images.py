@@ -42,3 +42,20 @@ def save_png(image: np.ndarray, path: str, min_size: int = 256) -> None:
   """Writes a uint8 [H, W, C] image, upscaled by an integer factor (nearest) so small grids stay visible."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   to_pil(image, min_size).save(path)
+
+
+
+def read_png(path: str, *, grayscale: bool = False) -> np.ndarray:
+  """An 8-bit PNG (or other image PIL reads) as uint8 [H, W, C]: C = 1 for a grayscale file, 3 for a colour one
+  (alpha and palettes dropped); grayscale=True reads every file as one channel. Raises ValueError naming the file
+  and the fix if it cannot be read so."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+  except (OSError, ValueError) as error:
+    raise ValueError(f"cannot read {path!r} as an image ({' '.join(str(error).split())}): give a PNG file") from None
+  if image.mode in ("I", "I;16", "F"):
+    raise ValueError(f"{path!r} has {image.mode} pixels, not 8-bit ones: save it as an 8-bit grayscale or RGB PNG")
+  if grayscale or image.mode in ("1", "L", "LA"):
+    return np.asarray(image.convert("L"), np.uint8)[..., None]
+  return np.asarray(image.convert("RGB"), np.uint8)

@@ -7,6 +7,13 @@ PNG grid or an .npz of raw arrays.
   python sample.py --workdir runs/shapes --prompt "a red square" --guidance_scale 5 --out red.png
   python sample.py --model stable-diffusion-v1-5 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 25 \
     --guidance_scale 7.5 --height 512 --width 512 --num 1 --out cat.png
+  python sample.py --workdir runs/default --init_image in.png --strength 0.6 --label 3 --out out.png
+  python sample.py --workdir runs/default --init_image in.png --mask mask.png --label 3 --out out.png
+  python sample.py --workdir runs/shapes --init_image in.png --outpaint left=8,right=8 --prompt "a red square" \
+    --out wide.png
+
+With --init_image, --num (default 1) edits of that image are made, with seeds SEED, SEED + 1, ...; one is written
+as an image of its own size, several as a grid (docs/editing.md).
 
 Flags are checked before the model loads; sampling imports no training code and no TensorFlow. The output is
 locked (OUT.lock) from the start, so a second sample.py into the same file is refused at once, and written to a
@@ -16,8 +23,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from absl import app, flags
 
+from jdiff import images as imaging
 from jdiff import locks
 from jdiff.cli import runtime
 
@@ -68,6 +77,18 @@ _LABEL_END = flags.DEFINE_integer("label_end", None, "Last frames' class for --i
                                   flag_values=FLAGS)
 _PROMPT_END = flags.DEFINE_string("prompt_end", None, "Last frames' prompt for --interpolate (default: --prompt).",
                                   flag_values=FLAGS)
+_INIT_IMAGE = flags.DEFINE_string("init_image", None, "Edit this PNG (grayscale or RGB, as the model's images) instead "
+                                   "of generating: img2img, or inpainting with --mask, or outpainting with --outpaint.",
+                                   flag_values=FLAGS)
+_STRENGTH = flags.DEFINE_float("strength", None, "--init_image: how much to change, in [0, 1]: the last "
+                               "int(steps * strength) steps run (default: 0.8 for img2img, 1 with --mask or "
+                               "--outpaint).", flag_values=FLAGS)
+_MASK = flags.DEFINE_string("mask", None, "--init_image: a PNG of the image's size, white where to regenerate, "
+                            "black where to keep the image.", flag_values=FLAGS)
+_OUTPAINT = flags.DEFINE_string("outpaint", None, "--init_image: extend the canvas and fill the new area, e.g. "
+                                "left=8,right=8 (pixels; sides left, right, top, bottom).", flag_values=FLAGS)
+_RESAMPLE = flags.DEFINE_string("resample", None, "--mask or --outpaint: RePaint resampling JUMPS,ROUNDS, e.g. 5,4: "
+                                "each run of JUMPS steps is sampled again ROUNDS times.", flag_values=FLAGS)
 _HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model's size).", flag_values=FLAGS)
 _WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's size).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.", flag_values=FLAGS)
@@ -106,7 +127,10 @@ def write(samples, out: str) -> None:
   root, ext = os.path.splitext(out)
   temporary = f"{root}.tmp-{os.getpid()}{ext}"
   try:
-    samples.save(temporary, columns=_INTERPOLATE.value)  # an interpolation strip is one row
+    if _INIT_IMAGE.value and len(samples.images) == 1 and out.endswith(".png"):
+      imaging.to_pil(samples.images[0]).save(temporary)  # an edited image keeps its size
+    else:
+      samples.save(temporary, columns=_INTERPOLATE.value)  # an interpolation strip is one row
     os.replace(temporary, out)
   finally:
     if os.path.exists(temporary):
@@ -136,6 +160,61 @@ def check_flags() -> None:
     raise ValueError(f"--steps={_STEPS.value} must be at least 1")
   if not 0 <= _SEED.value < 2**32:
     raise ValueError(f"--seed={_SEED.value} is outside [0, 2**32)")
+  check_edit_flags()
+
+
+EDIT_FLAGS = ("strength", "mask", "outpaint", "resample")
+SIDES = ("left", "right", "top", "bottom")
+
+
+def check_edit_flags() -> None:
+  """The editing flags' values, and that the image and mask files read and agree."""
+  given = [name for name in EDIT_FLAGS if FLAGS[name].present]
+  if not _INIT_IMAGE.value:
+    if given:
+      raise ValueError(f"--{given[0]} edits an image: pass --init_image=in.png too")
+    return
+  if _INTERPOLATE.value or _HEIGHT.value or _WIDTH.value:
+    raise ValueError("--init_image edits an image of its own size: drop --interpolate, --height and --width")
+  if _MASK.value and _OUTPAINT.value:
+    raise ValueError("--outpaint makes its own mask: pass --mask or --outpaint, not both")
+  if _STRENGTH.value is not None and not 0.0 <= _STRENGTH.value <= 1.0:
+    raise ValueError(f"--strength={_STRENGTH.value} must be in [0, 1] (0 keeps the image, 1 regenerates it)")
+  if _RESAMPLE.value is not None and not (_MASK.value or _OUTPAINT.value):
+    raise ValueError("--resample harmonises an inpainted region: pass --mask or --outpaint")
+  resample_options()
+  outpaint_sides()
+  image = imaging.read_png(_INIT_IMAGE.value)
+  if _MASK.value:
+    mask = imaging.read_png(_MASK.value, grayscale=True)
+    if mask.shape[:2] != image.shape[:2]:
+      raise ValueError(f"--mask={_MASK.value!r} is {mask.shape[0]}x{mask.shape[1]} but --init_image="
+                       f"{_INIT_IMAGE.value!r} is {image.shape[0]}x{image.shape[1]}: give a mask of the image's size")
+
+
+def resample_options() -> dict:
+  if _RESAMPLE.value is None:
+    return {}
+  parts = _RESAMPLE.value.split(",")
+  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    raise ValueError(f"--resample={_RESAMPLE.value!r} must be JUMPS,ROUNDS, two whole numbers, e.g. 5,4")
+  return dict(resample_jumps=int(parts[0]), resample_rounds=int(parts[1]))
+
+
+def outpaint_sides() -> dict:
+  if _OUTPAINT.value is None:
+    return {}
+  sides = {}
+  for part in _OUTPAINT.value.split(","):
+    name, _, value = part.partition("=")
+    name = name.strip()
+    if name not in SIDES or not value.strip().isdigit() or name in sides:
+      raise ValueError(f"--outpaint={_OUTPAINT.value!r}: give SIDE=PIXELS pairs, each side once, sides "
+                       f"{', '.join(SIDES)}, e.g. left=8,right=8")
+    sides[name] = int(value)
+  if not any(sides.values()):
+    raise ValueError(f"--outpaint={_OUTPAINT.value!r} extends no side: give some SIDE=PIXELS above 0")
+  return sides
 
 
 def sampling_options() -> dict:
@@ -168,7 +247,9 @@ def sample_to(out: str) -> None:
       pipe = jdiff.load(_MODEL.value, dtype=_DTYPE.value, variant=_VARIANT.value)
     else:
       pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
-    if _INTERPOLATE.value:
+    if _INIT_IMAGE.value:
+      samples = edit(pipe)
+    elif _INTERPOLATE.value:
       samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
                                  label_end=_LABEL_END.value, prompt=_PROMPT.value, prompt_end=_PROMPT_END.value,
                                  **sampling_options())
@@ -184,6 +265,27 @@ def sample_to(out: str) -> None:
     runtime.fail(PROGRAM, f"cannot write --out={out!r}: {e}")
   origin = _MODEL.value if _MODEL.value else f"checkpoint {pipe.step} of {_WORKDIR.value}"
   print(f"wrote {len(samples.images)} images from {origin} to {out}")
+
+
+def edit(pipe):
+  """Samples editing --init_image as the editing flags say."""
+  image = imaging.read_png(_INIT_IMAGE.value)
+  channels = pipe.image_shape[-1]
+  if image.shape[-1] != channels:
+    raise ValueError(f"--init_image={_INIT_IMAGE.value!r} has {image.shape[-1]} channels but the model makes "
+                     f"{'grayscale' if channels == 1 else f'{channels}-channel'} images: convert it to "
+                     f"{'grayscale' if channels == 1 else 'RGB'}")
+  num = _NUM.value if FLAGS["num"].present else 1
+  images = np.broadcast_to(image, (num, *image.shape))
+  options = dict(seed=_SEED.value, label=_LABEL.value, batch_size=_BATCH.value, **sampling_options())
+  if _STRENGTH.value is not None:
+    options["strength"] = _STRENGTH.value
+  if _MASK.value:
+    mask = imaging.read_png(_MASK.value, grayscale=True)[..., 0]
+    return pipe.inpaint(images, mask, _PROMPT.value, **resample_options(), **options)
+  if _OUTPAINT.value:
+    return pipe.outpaint(images, _PROMPT.value, **outpaint_sides(), **resample_options(), **options)
+  return pipe.img2img(images, _PROMPT.value, **options)
 
 
 def run(argv: list[str] | None = None):
