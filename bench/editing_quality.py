@@ -6,7 +6,7 @@ with the shapes text-to-image model. Prints Markdown tables and writes before/af
 
 Inpainting: the held-out (test split) digits with the left, right, top or bottom half masked, or a random box
 (6 to 10 pixels a side at 16x16), completed class-conditionally with the true label (the config's guidance) and
-unconditionally (guidance 0: the null class alone). Columns: the digit classifier's accuracy on the completed
+unconditionally (guidance 0: the null class alone; not for the resampling rows). Columns: the digit classifier's accuracy on the completed
 images, the largest error in the known region (uint8 levels; 0 for a pixel model), and the seam score: the mean
 absolute difference between neighbouring pixels across the mask's border, over the same quantity on the real
 images (1: as smooth as real digits). Img2img: each test digit pushed toward the target class (label + 1) mod 10
@@ -83,13 +83,12 @@ def digits(args) -> None:
       start = time.perf_counter()
       cond = pipe.inpaint(real, mask, label=labels, resample_jumps=jumps, resample_rounds=rounds, **options).images
       seconds = time.perf_counter() - start
-      uncond = pipe.inpaint(real, mask, label=labels, guidance_scale=0.0, resample_jumps=jumps,
-                            resample_rounds=rounds, **options).images
+      uncond = None if rounds else pipe.inpaint(real, mask, label=labels, guidance_scale=0.0, **options).images
       known = ~mask[..., None]
       error = int(np.abs(cond.astype(int) - real)[np.broadcast_to(known, real.shape)].max())
       print(f"| {name} | {f'{jumps} x {rounds}' if rounds else 'none'} | "
             f"{digit_metrics.digit_accuracy(cond, labels, classifier):.3f} | "
-            f"{digit_metrics.digit_accuracy(uncond, labels, classifier):.3f} | {error} | "
+            f"{'-' if rounds else f'{digit_metrics.digit_accuracy(uncond, labels, classifier):.3f}'} | {error} | "
             f"{seam_score(cond, real, mask):.2f} | {seconds:.1f} |", flush=True)
       if not rounds:
         shown.append(np.where(mask[..., None], 255 - real // 2, real))

@@ -145,3 +145,156 @@ def test_inpainting_against_the_closed_form_conditional():
         f"{np.abs(got_cov - marginal_cov).max():.4f}")
   np.testing.assert_allclose(got_mean, MEAN[~GAUSSIAN_KNOWN], atol=0.03)
   np.testing.assert_allclose(got_cov, marginal_cov, atol=0.05)
+
+
+# The notebook API and sample.py on the tiny trained model (8x8 digits, class-conditional).
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_workdir):
+  return jdiff.load(tiny_workdir)
+
+
+def _digits(pipe, num=2):
+  return pipe.generate(label=[3, 5][:num], num=num, steps=2, seed=0).images
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda pipe, imgs: pipe.img2img(imgs, strength=1.2), r"strength=1.2 must be in \[0, 1\]"),
+    (lambda pipe, imgs: pipe.inpaint(imgs, np.ones((4, 4))), r"mask has shape \[4, 4\] but the images are 8x8"),
+    (lambda pipe, imgs: pipe.img2img(np.repeat(imgs, 3, axis=-1)), "images have 3 channels, this model takes 1: "
+     "convert them to grayscale"),
+    (lambda pipe, imgs: pipe.img2img(imgs.astype(np.float32)), r"images must be uint8 \[N, H, W, 1\]"),
+    (lambda pipe, imgs: pipe.outpaint(imgs, right=3), "gives 8x11: width=11 must be a positive multiple of 2"),
+    (lambda pipe, imgs: pipe.outpaint(imgs), "outpaint needs a side to extend"),
+    (lambda pipe, imgs: pipe.inpaint(imgs, np.full((8, 8), 2.0)), r"mask values must be in \[0, 1\]"),
+    (lambda pipe, imgs: pipe.inpaint(imgs, np.ones((8, 8)), resample_rounds=-1), "resample_rounds=-1 must be"),
+])
+def test_editing_rejects_bad_input_naming_the_value(tiny_pipe, call, message):
+  pipe = tiny_pipe
+  images = np.zeros((2, 8, 8, 1), np.uint8)
+  with pytest.raises(ValueError, match=message):
+    call(pipe, images)
+
+
+@pytest.mark.slow
+def test_pipeline_edits_keep_what_they_should(tiny_pipe):
+  """A pixel model's inpainting keeps the unmasked pixels exactly, with and without resampling; outpainting keeps the
+  image beyond its overlap; strength 0 returns the images; strength 1 is generate from the same seed, up to the
+  start's sqrt(abar_max) x0 (the tiny config's cosine schedule: 2e-5, nothing in uint8)."""
+  pipe = tiny_pipe
+  images = _digits(pipe)
+  mask = np.zeros((8, 8), bool)
+  mask[2:6, 4:] = True
+  for resample in ({}, dict(resample_jumps=2, resample_rounds=1)):
+    out = pipe.inpaint(images, mask, label=[3, 5], steps=4, seed=1, **resample).images
+    np.testing.assert_array_equal(out[:, ~mask], images[:, ~mask])
+    assert np.abs(out[:, mask].astype(int) - images[:, mask]).mean() > 2, resample  # the masked region is redrawn
+  wide = pipe.outpaint(images[:, :, :4], label=[3, 5], right=4, overlap=1, steps=4, seed=1).images
+  assert wide.shape == images.shape
+  np.testing.assert_array_equal(wide[:, :, :3], images[:, :, :3])
+  np.testing.assert_array_equal(pipe.img2img(images, label=[3, 5], strength=0.0).images, images)
+  same = pipe.generate(label=[3, 5], steps=4, seed=1).images
+  np.testing.assert_array_equal(pipe.img2img(images, label=[3, 5], strength=1.0, steps=4, seed=1).images, same)
+
+
+def cli(capsys, *args):
+  from jdiff.cli import sample as sample_cli
+  with pytest.raises(SystemExit) as exit_:
+    sample_cli.run([sample_cli.PROGRAM, *map(str, args)])
+  out, err = capsys.readouterr()
+  return exit_.value.code or 0, out, err
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory):
+  from PIL import Image
+  folder = tmp_path_factory.mktemp("pngs")
+  gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+  Image.fromarray(gray).save(folder / "digit.png")
+  Image.fromarray(np.where(np.arange(8) >= 4, 255, 0).astype(np.uint8)[None].repeat(8, 0)).save(folder / "mask.png")
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "small.png")
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "rgb.png")
+  (folder / "broken.png").write_bytes(b"not a png")
+  return folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init_image", "{d}/digit.png", "--strength", "1.5"], r"--strength=1.5 must be in [0, 1]"),
+    (["--init_image", "{d}/digit.png", "--mask", "{d}/small.png"], "--mask='{d}/small.png' is 4x4 but --init_image="
+     "'{d}/digit.png' is 8x8: give a mask of the image's size"),
+    (["--init_image", "{d}/broken.png"], "cannot read '{d}/broken.png' as an image"),
+    (["--init_image", "{d}/missing.png"], "cannot read '{d}/missing.png' as an image"),
+    pytest.param(["--init_image", "{d}/rgb.png"], "--init_image='{d}/rgb.png' has 3 channels but the model makes "
+                 "grayscale images: convert it to grayscale", marks=pytest.mark.slow),  # these two load the model
+    pytest.param(["--init_image", "{d}/digit.png", "--outpaint", "right=3"], "gives 8x11: width=11 must be a "
+                 "positive multiple", marks=pytest.mark.slow),
+    (["--init_image", "{d}/digit.png", "--outpaint", "rigth=4"], "give SIDE=PIXELS pairs"),
+    (["--strength", "0.5"], "--strength edits an image: pass --init_image=in.png too"),
+    (["--init_image", "{d}/digit.png", "--resample", "5"], "--resample harmonises an inpainted region"),
+])
+def test_sample_cli_rejects_bad_edits_with_one_line(tiny_workdir, pngs, tmp_path, capsys, args, message):
+  out = tmp_path / "x.png"
+  code, _, err = cli(capsys, "--workdir", tiny_workdir, "--out", out, *[a.format(d=pngs) for a in args])
+  assert code == 2 and err.startswith("sample.py: error: ") and err.count("\n") == 1, err
+  assert message.format(d=pngs) in err
+  assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_sample_cli_inpaints_the_image_it_reads(tiny_workdir, tiny_pipe, pngs, tmp_path, capsys):
+  from PIL import Image
+  out = tmp_path / "edited.png"
+  code, stdout, err = cli(capsys, "--workdir", tiny_workdir, "--init_image", pngs / "digit.png", "--mask",
+                          pngs / "mask.png", "--label", 3, "--steps", 4, "--seed", 2, "--out", out)
+  assert code == 0, err
+  assert f"wrote 1 images from checkpoint 20 of {tiny_workdir} to {out}" in stdout
+  written = np.asarray(Image.open(out))
+  image = np.asarray(Image.open(pngs / "digit.png"))
+  np.testing.assert_array_equal(written[:, :4], image[:, :4])
+  mask = np.asarray(Image.open(pngs / "mask.png")) >= 128
+  same = tiny_pipe.inpaint(image[None, ..., None], mask, label=3, steps=4, seed=2).images
+  np.testing.assert_array_equal(written, same[0, ..., 0])
+
+
+# Parity with diffusers' StableDiffusionImg2ImgPipeline on the tiny random SD 1.x directory, from the same image
+# latents (the posterior's mode) and noise (tests/fixtures/make_editing_fixtures.py).
+
+EDITING_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+@pytest.fixture(scope="module")
+def img2img_refs():
+  return np.load(os.path.join(EDITING_FIXTURES, "editing", "references.npz"))
+
+
+@pytest.fixture(scope="module")
+def sd1():
+  return jdiff.load(os.path.join(EDITING_FIXTURES, "diffusers", "sd1"))
+
+
+def parity_cases():
+  """Each scheduler and strength of the references; the slow tier runs three (about 15 s each), one per scheduler and
+  strength, and JDIFF_EDITING_PARITY=all the other six (measured: all nine within 3e-6 of diffusers)."""
+  every = os.environ.get("JDIFF_EDITING_PARITY") == "all"
+  for name in ("ddim", "euler", "dpmpp_2m"):
+    for strength in (0.3, 0.75, 1.0):
+      chosen = (name, strength) in {("ddim", 0.3), ("euler", 1.0), ("dpmpp_2m", 0.75)}
+      marks = [pytest.mark.slow] + ([] if chosen else [pytest.mark.skipif(not every, reason="JDIFF_EDITING_PARITY=all")])
+      yield pytest.param(f"{name}/{strength}", marks=marks)
+
+
+@pytest.mark.parametrize("case", parity_cases())
+def test_img2img_equals_diffusers_img2img_pipeline(sd1, img2img_refs, case):
+  import json
+  from jdiff import schedulers
+  name, strength = case.split("/")
+  _, options = schedulers.sampler_options_from_diffusers(json.loads(str(img2img_refs[f"{name}/scheduler"])))
+  samples = sd1.img2img(img2img_refs["images"], [str(p) for p in img2img_refs["prompts"]],
+                        negative_prompt=str(img2img_refs["negative"]), strength=float(strength),
+                        latents=img2img_refs["noise"].transpose(0, 2, 3, 1), steps=10, guidance_scale=7.5,
+                        sampler=options["sampler"], spacing=options["spacing"])
+  images = np.clip(np.asarray(sd1.codec.decode(samples.latents)) / 2 + 0.5, 0.0, 1.0)
+  want = img2img_refs[case]
+  error = np.abs(images - want).max()
+  print(f"{case}: max error {error:.2e}")
+  assert error < 1e-3
