@@ -279,7 +279,8 @@ def parity_cases():
   for name in ("ddim", "euler", "dpmpp_2m"):
     for strength in (0.3, 0.75, 1.0):
       chosen = (name, strength) in {("ddim", 0.3), ("euler", 1.0), ("dpmpp_2m", 0.75)}
-      marks = [pytest.mark.slow] + ([] if chosen else [pytest.mark.skipif(not every, reason="JDIFF_EDITING_PARITY=all")])
+      skip = pytest.mark.skipif(not every, reason="JDIFF_EDITING_PARITY=all runs it")
+      marks = [pytest.mark.slow] + ([] if chosen else [skip])
       yield pytest.param(f"{name}/{strength}", marks=marks)
 
 
