@@ -10,8 +10,8 @@ unconditionally (guidance 0: the null class alone), and with --rounds, class-con
 resampling. Columns: the digit classifier's accuracy on the completed images, the largest error in the known
 region (uint8 levels; 0 for a pixel model), and the seam score: the mean absolute difference between neighbouring
 pixels across the mask's border, over the same quantity on the real images (1: as smooth as real digits). Img2img:
-each test digit pushed toward the target class (label + 1) mod 10 with its label; the mean absolute pixel distance to the input (0..255) and the classifier's agreement with the
-target and with the source class, per strength. Outpainting: held-out shapes cut so that a quarter of the image on
+each test digit pushed toward the target class (label + 1) mod 10 with that label; the mean absolute pixel distance
+to the input (0..255) and the classifier's agreement with the target and with the source class, per strength. Outpainting: held-out shapes cut so that a quarter of the image on
 the side nearest the shape is gone, then outpainted back with their caption; the shapes detector (jdiff.metrics.
 shapes) scores colour and kind against the caption, beside the cut images padded with their edge pixels and the
 uncut ones.
