@@ -4,17 +4,17 @@ with the shapes text-to-image model. Prints Markdown tables and writes before/af
   python bench/editing_quality.py --digits /work/runs13/default --num 100 --steps 20 --rounds 2 --jumps 5 --grids docs
   python bench/editing_quality.py --shapes /work/runs13/shapes --num 100 --steps 20 --grids docs
 
-Inpainting: the held-out (test split) digits with the left, right, top or bottom half masked, or a random box
-(6 to 10 pixels a side at 16x16), completed class-conditionally with the true label (the config's guidance) and
+Inpainting: the held-out (test split) digits with the left, right, top or bottom half masked, or a random box (6 to
+10 pixels a side at 16x16), completed class-conditionally with the true label (the config's guidance) and
 unconditionally (guidance 0: the null class alone), and with --rounds, class-conditionally with RePaint's
-resampling. Columns: the digit classifier's accuracy on the completed images, the largest error in the known
-region (uint8 levels; 0 for a pixel model), and the seam score: the mean absolute difference between neighbouring
-pixels across the mask's border, over the same quantity on the real images (1: as smooth as real digits). Img2img:
-each test digit pushed toward the target class (label + 1) mod 10 with that label; the mean absolute pixel distance
-to the input (0..255) and the classifier's agreement with the target and with the source class, per strength. Outpainting: held-out shapes cut so that a quarter of the image on
-the side nearest the shape is gone, then outpainted back with their caption; the shapes detector (jdiff.metrics.
-shapes) scores colour and kind against the caption, beside the cut images padded with their edge pixels and the
-uncut ones.
+resampling. Columns: the digit classifier's accuracy on the completed images, the largest error in the known region
+(uint8 levels; 0 for a pixel model), and the seam score: the mean absolute difference between neighbouring pixels
+across the mask's border, over the same quantity on the real images (1: as smooth as real digits). Img2img: each
+test digit pushed toward the target class (label + 1) mod 10 with that label; the mean absolute pixel distance to
+the input (0..255) and the classifier's agreement with the target and with the source class, per strength.
+Outpainting: held-out shapes cut so that a quarter of the image on the side nearest the shape is gone, then
+outpainted back with their caption; the shapes detector (jdiff.metrics. shapes) scores colour and kind against the
+caption, beside the cut images padded with their edge pixels and the uncut ones.
 """
 import argparse
 import os
