@@ -13,7 +13,7 @@ across the mask's border, over the same quantity on the real images (1: as smoot
 test digit pushed toward the target class (label + 1) mod 10 with that label; the mean absolute pixel distance to
 the input (0..255) and the classifier's agreement with the target and with the source class, per strength.
 Outpainting: held-out shapes cut so that a quarter of the image on the side nearest the shape is gone, then
-outpainted back with their caption; the shapes detector (jdiff.metrics. shapes) scores colour and kind against the
+outpainted back with their caption; the shapes detector (jdiff.metrics.shapes) scores colour and kind against the
 caption, beside the cut images padded with their edge pixels and the uncut ones.
 """
 import argparse
