@@ -82,8 +82,7 @@ def edit(model_fn, schedule: Schedule, x0, noise, cond=None, *, mask=None, stren
   if start == steps:
     return jnp.asarray(x0, jnp.float32)
   return _edit(model_fn, schedule, x0, noise, mask, cond, rng if resample else step_rng, eta, sampler=sampler,
-               steps=steps, start=start,
-               prediction=prediction, spacing=spacing, clip_x0=clip_x0,
+               steps=steps, start=start, prediction=prediction, spacing=spacing, clip_x0=clip_x0,
                jumps=resample_jumps if resample else 0, rounds=resample_rounds if resample else 0)
 
 
