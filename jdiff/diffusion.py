@@ -10,7 +10,9 @@ import jax.numpy as jnp
 
 from jdiff.schedules import Schedule
 
-PREDICTIONS = ("eps", "x0", "v")
+# "flow" is flow matching's velocity on its own interpolation x_s = (1 - s) x0 + s eps (jdiff/flow.py), not a
+# function of the variance-preserving x_t: the samplers and the trainer treat it apart.
+PREDICTIONS = ("eps", "x0", "v", "flow")
 
 
 def extract(values: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
