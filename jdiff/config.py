@@ -87,7 +87,7 @@ class DiffusionConfig:
 
   def __post_init__(self):
     _check_choice("schedule", self.schedule, schedules.SCHEDULE_NAMES)
-    _check_choice("prediction", self.prediction, diffusion.PREDICTIONS)
+    _check_choice("prediction", self.prediction, diffusion.MODEL_PREDICTIONS)
     _check(self.num_timesteps >= 2, "num_timesteps", self.num_timesteps, "an integer >= 2")
     _check(self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma, ">= 0 (0 disables it)")
     _check(0 <= self.label_dropout < 1, "label_dropout", self.label_dropout, "in [0, 1)")

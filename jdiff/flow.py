@@ -94,16 +94,6 @@ def draw_s(rng, shape, *, density: str, logit_mean: float = 0.0, logit_std: floa
   raise ValueError(f"unknown flow density {density!r}; choose one of {', '.join(DENSITIES)}")
 
 
-def density_pdf(s, *, density: str, logit_mean: float = 0.0, logit_std: float = 1.0):
-  """The probability density of `draw_s` at s in (0, 1), for uniform and logit-normal (mode has no closed form)."""
-  if density == "uniform":
-    return jnp.ones_like(s)
-  if density == "logit_normal":
-    logit = jnp.log(s) - jnp.log1p(-s)
-    return jnp.exp(-0.5 * ((logit - logit_mean) / logit_std) ** 2) / (logit_std * jnp.sqrt(2 * jnp.pi) * s * (1 - s))
-  raise ValueError(f"density_pdf knows uniform and logit_normal, got {density!r}")
-
-
 def flow_loss(output, *, x0, noise) -> jnp.ndarray:
   """Mean squared velocity error per example, shape [B], in fp32."""
   err = jnp.square(output.astype(jnp.float32) - velocity(x0, noise))

@@ -370,9 +370,9 @@ def _check(schedule, *, sampler, steps, spacing, prediction):
     raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
   if not isinstance(spacing, str) and not callable(getattr(spacing, "levels", None)):
     raise ValueError(f"spacing {spacing!r} is neither one of {', '.join(SPACINGS)} nor a rule with a levels method")
-  if prediction not in diffusion.PREDICTIONS:
+  if prediction not in diffusion.MODEL_PREDICTIONS:
     raise ValueError(f"unknown prediction {prediction!r}; choose one of "
-                     f"{', '.join(diffusion.PREDICTIONS)}")
+                     f"{', '.join(diffusion.MODEL_PREDICTIONS)}")
   if not 1 <= steps <= schedule.num_timesteps:
     raise ValueError(f"steps must be in [1, {schedule.num_timesteps}], got {steps}")
 
