@@ -80,7 +80,7 @@ def test_shift_formula_and_resolution_shift():
   np.testing.assert_allclose(flow.shift(flow.shift(s, 3.0), 1 / 3.0), s, atol=1e-12)
   np.testing.assert_allclose(flow.shift(s, 3.0), np.exp(np.log(3)) / (3 + 1 / np.maximum(s, 1e-300) - 1), atol=1e-12)
   assert np.all(flow.shift(s[1:-1], 3.0) > s[1:-1]) and np.all(flow.shift(s[1:-1], 0.5) < s[1:-1])
-  # Flux's defaults: mu 0.5 at 256 tokens (a 512^2 image's 32^2 latents in 2x2 patches), 1.15 at 4096.
+  # Flux's defaults: mu 0.5 at 256 tokens (a 256^2 image's 32^2 latents in 2x2 patches), 1.15 at 4096.
   assert flow.resolution_shift(32) == pytest.approx(np.exp(0.5))
   assert flow.resolution_shift(128) == pytest.approx(np.exp(1.15))
 
@@ -224,7 +224,7 @@ def test_flow_model_trains_and_samples_with_any_sampler(tmp_path, capsys):
   assert np.max(np.abs(euler.images.astype(int) - ddim.images.astype(int))) <= 1
   out = tmp_path / "heun.png"
   with pytest.raises(SystemExit) as exit_:
-    sample_cli.run(["sample.py", "--workdir", workdir, "--num", 4, "--steps", 3, "--sampler", "heun", "--out",
+    sample_cli.run(["sample.py", "--workdir", workdir, "--num", "4", "--steps", "3", "--sampler", "heun", "--out",
                     str(out)])
   assert (exit_.value.code or 0) == 0, capsys.readouterr().err
   assert out.exists()
