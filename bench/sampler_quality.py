@@ -30,6 +30,7 @@ def main():
   parser.add_argument("--samplers", default="ddim,ddpm,heun,dpmpp_2m,dpmpp_2m_sde,unipc")
   parser.add_argument("--steps", default="5,10,20,50")
   parser.add_argument("--guidance_scale", default="3")
+  parser.add_argument("--spacing", default=None, help="timestep spacing, karras or flow (default: the config's)")
   parser.add_argument("--num", type=int, default=None, help="samples per row (default: the held-out split's size)")
   parser.add_argument("--split", default="test", help="held-out split: conditions and the first row")
   parser.add_argument("--reference_split", default="train")
@@ -57,7 +58,8 @@ def main():
     for guidance in map(float, args.guidance_scale.split(",")):
       for sampler in args.samplers.split(","):
         images, seconds = quality.generate_like(pipe, held_out, num, seed=args.seed, batch_size=args.batch_size,
-                                                sampler=sampler, steps=steps, guidance_scale=guidance)
+                                                sampler=sampler, steps=steps, guidance_scale=guidance,
+                                                spacing=args.spacing)
         result = quality.distances(network(images), reference, network.space, kid_subset_size=kid_size)
         ddim_time.setdefault((steps, guidance), seconds if sampler == "ddim" else None)
         base = ddim_time[(steps, guidance)]

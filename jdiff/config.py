@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from jdiff import diffusion, samplers, schedules
+from jdiff import diffusion, flow, samplers, schedules
 from jdiff.models.text import TextEncoderConfig
 from jdiff.models.unet import UNetConfig
 from jdiff.models.vae import VAEConfig
@@ -69,18 +69,66 @@ class DiffusionConfig:
   min_snr_gamma: float = 0.0  # 0 = L_simple; e.g. 5.0 = min-SNR-5 weighting
   label_dropout: float = 0.1  # share of labels replaced by the null class, for classifier-free guidance
   zero_terminal_snr: bool = False  # rescale the schedule so its last timestep is pure noise (Lin et al., 2024)
+  # prediction "flow" (jdiff/flow.py): x_s = (1 - s) x0 + s eps, velocity target; `schedule` is then unused. Training
+  # draws s from flow_density (logit-normal: flow_logit_mean, flow_logit_std; mode: flow_mode_scale), then shifts
+  # it by flow_shift, or, with flow_resolution_shift, by exp(mu) of the image's (image_size / flow_patch_size)^2
+  # patches, mu interpolated from flow_base_shift at flow_base_seq_len to flow_max_shift at flow_max_seq_len.
+  flow_density: str = "logit_normal"
+  flow_logit_mean: float = 0.0
+  flow_logit_std: float = 1.0
+  flow_mode_scale: float = 1.29
+  flow_shift: float = 1.0
+  flow_resolution_shift: bool = False
+  flow_patch_size: int = 2
+  flow_base_shift: float = 0.5
+  flow_max_shift: float = 1.15
+  flow_base_seq_len: int = 256
+  flow_max_seq_len: int = 4096
 
   def __post_init__(self):
     _check_choice("schedule", self.schedule, schedules.SCHEDULE_NAMES)
-    _check_choice("prediction", self.prediction, diffusion.PREDICTIONS)
+    _check_choice("prediction", self.prediction, diffusion.MODEL_PREDICTIONS)
     _check(self.num_timesteps >= 2, "num_timesteps", self.num_timesteps, "an integer >= 2")
     _check(self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma, ">= 0 (0 disables it)")
     _check(0 <= self.label_dropout < 1, "label_dropout", self.label_dropout, "in [0, 1)")
     _check(isinstance(self.zero_terminal_snr, bool), "zero_terminal_snr", self.zero_terminal_snr, "True or False")
     _check(not (self.zero_terminal_snr and self.prediction == "eps"), "zero_terminal_snr", self.zero_terminal_snr,
            "False with prediction 'eps' (pure noise says nothing about x0 through eps): predict 'v' or 'x0'")
+    self._check_flow()
 
-  def make_schedule(self) -> schedules.Schedule:
+  def _check_flow(self) -> None:
+    _check_choice("flow_density", self.flow_density, flow.DENSITIES)
+    _check(self.flow_logit_std > 0, "flow_logit_std", self.flow_logit_std, "> 0")
+    _check(-1.0 <= self.flow_mode_scale <= 2.0 / (math.pi - 2.0), "flow_mode_scale", self.flow_mode_scale,
+           "in [-1, 2 / (pi - 2) = 1.752] (where the mode density is a density)")
+    _check(self.flow_shift > 0, "flow_shift", self.flow_shift, "> 0 (1 = no shift)")
+    _check(isinstance(self.flow_resolution_shift, bool), "flow_resolution_shift", self.flow_resolution_shift,
+           "True or False")
+    _check(not (self.flow_resolution_shift and self.flow_shift != 1.0), "flow_shift", self.flow_shift,
+           "1.0 with flow_resolution_shift=True (the resolution gives the shift)")
+    _check(self.flow_patch_size >= 1, "flow_patch_size", self.flow_patch_size, "an integer >= 1")
+    _check(self.flow_max_seq_len > self.flow_base_seq_len >= 1, "flow_max_seq_len", self.flow_max_seq_len,
+           f"an integer > flow_base_seq_len={self.flow_base_seq_len} >= 1")
+    if self.prediction == "flow":
+      _check(self.min_snr_gamma == 0, "min_snr_gamma", self.min_snr_gamma, "0 with prediction 'flow'")
+      _check(not self.zero_terminal_snr, "zero_terminal_snr", self.zero_terminal_snr,
+             "False with prediction 'flow' (its last level is pure noise already)")
+
+  def flow_shift_for(self, image_size: int) -> float:
+    """The flow's shift a for inputs image_size x image_size (see jdiff/flow.py): static or resolution-dependent."""
+    if not self.flow_resolution_shift:
+      return float(self.flow_shift)
+    return flow.resolution_shift(image_size, patch_size=self.flow_patch_size, base_seq_len=self.flow_base_seq_len,
+                                 max_seq_len=self.flow_max_seq_len, base_shift=self.flow_base_shift,
+                                 max_shift=self.flow_max_shift)
+
+  def make_schedule(self, image_size: int | None = None) -> schedules.Schedule:
+    """The schedule; a flow model's is flow.flow_schedule with its shift, which needs the (latent) image_size when
+    the shift depends on the resolution."""
+    if self.prediction == "flow":
+      if self.flow_resolution_shift and image_size is None:
+        raise ValueError("a resolution-dependent flow shift needs the image size: make_schedule(image_size)")
+      return flow.flow_schedule(self.num_timesteps, self.flow_shift_for(image_size or 0))
     return schedules.make_schedule(self.schedule, self.num_timesteps, zero_terminal_snr=self.zero_terminal_snr)
 
 
@@ -383,6 +431,9 @@ def _check_consistency(config: Config) -> None:
   if config.sampling.steps > config.diffusion.num_timesteps:
     raise ConfigError(f"config.sampling.steps ({config.sampling.steps}) exceeds "
                       f"config.diffusion.num_timesteps ({config.diffusion.num_timesteps})")
+  if config.sampling.spacing == "flow" and config.diffusion.prediction != "flow":
+    raise ConfigError(f"config.sampling.spacing='flow' is for flow models, but config.diffusion.prediction="
+                      f"{config.diffusion.prediction!r}: set prediction='flow' or another spacing")
   if config.sampling.guidance_scale != 1.0 and config.model.num_classes == 0 and config.model.context_dim == 0:
     raise ConfigError(f"config.sampling.guidance_scale={config.sampling.guidance_scale} needs a class-conditional "
                       "model or a text model: set config.model.num_classes > 0 or config.model.context_dim > 0, or "

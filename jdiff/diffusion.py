@@ -11,6 +11,10 @@ import jax.numpy as jnp
 from jdiff.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")
+# Every model's prediction: those above, functions of the variance-preserving x_t, and "flow", flow matching's
+# velocity on its own interpolation x_s = (1 - s) x0 + s eps (jdiff/flow.py), which the samplers and the trainer
+# treat apart.
+MODEL_PREDICTIONS = PREDICTIONS + ("flow",)
 
 
 def extract(values: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:

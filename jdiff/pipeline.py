@@ -102,7 +102,7 @@ class Pipeline:
 
   def __post_init__(self):
     if self.schedule is None:
-      self.schedule = self.config.diffusion.make_schedule()
+      self.schedule = self.config.diffusion.make_schedule(self.config.model.image_size)
     if self.tokenizer is None and self.is_text_model and not self.source:
       self.tokenizer = self.config.text.tokenizer()
 
@@ -411,6 +411,8 @@ class Pipeline:
       eta = shipped["eta"] if eta is None else eta
       clip_x0 = shipped["clip_x0"] if clip_x0 is None else clip_x0
     sampler, spacing = sampler or sc.sampler, spacing or sc.spacing
+    if spacing == "flow":
+      spacing = self._flow_levels()
     steps = sc.steps if steps is None else steps
     self._check_sampler(sampler, steps, spacing)
     if not 0.0 <= guidance_rescale <= 1.0:
@@ -428,6 +430,15 @@ class Pipeline:
                 guidance_scale=self._check_guidance(sc.guidance_scale if guidance_scale is None else guidance_scale),
                 negative_label=negative, eta=eta, schedule=schedule,
                 clip_x0=self.config.clip_x0 if clip_x0 is None else bool(clip_x0))
+
+  def _flow_levels(self) -> schedulers.FlowMatchLevels:
+    """The 'flow' spacing of a flow model: FlowMatchEuler's levels with the model's shift."""
+    dc = self.config.diffusion
+    if dc.prediction != "flow":
+      raise ValueError(f"spacing 'flow' is for flow models; this one predicts {dc.prediction!r}: choose one of "
+                       f"{', '.join(s for s in samplers.SPACINGS if s != 'flow')}")
+    return schedulers.FlowMatchLevels(shift=dc.flow_shift_for(self.config.model.image_size),
+                                      dynamic=dc.flow_resolution_shift, num_train_timesteps=dc.num_timesteps)
 
   def _scheduler_options(self, sampler: str | None) -> tuple[Schedule, dict]:
     """The schedule and sampler options of the directory's scheduler config, read as `sampler`'s class (None: its

@@ -25,11 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import diffusion
+from jdiff import diffusion, flow
 from jdiff.schedules import Schedule, sigma_to_t
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms", "plms")
-SPACINGS = ("leading", "trailing", "linspace", "karras")
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms", "plms",
+            "flow_euler")
+# "flow": a flow model's FlowMatchEuler levels (jdiff.schedulers.FlowMatchLevels), which the Pipeline builds from
+# the model's shift; the samplers themselves take that rule, not the name.
+SPACINGS = ("leading", "trailing", "linspace", "karras", "flow")
 DEFAULT_ETA = {"ddpm": 1.0, "ddim": 0.0, "euler_ancestral": 1.0, "dpmpp_2m_sde": 1.0}
 TUNABLE_ETA = ("ddim", "euler_ancestral", "dpmpp_2m_sde")
 
@@ -67,6 +70,9 @@ def noise_levels(schedule: Schedule, *, steps: int, spacing: str):
   Timestep spacings give integer ts and the schedule's sigmas at them; 'karras' spans the schedule's own sigma
   range (its largest finite sigma, for a zero-terminal-SNR schedule) and maps each sigma to a fractional timestep.
   """
+  if spacing == "flow":
+    raise ValueError("spacing 'flow' depends on the model's shift: pass jdiff.schedulers.FlowMatchLevels(shift=...) "
+                     "(jdiff.load(...).generate builds it from the model's config)")
   if spacing == "karras":
     finite = jnp.isfinite(schedule.sigmas)
     sigma_max = jnp.max(jnp.where(finite, schedule.sigmas, 0.0))
@@ -288,16 +294,48 @@ def plms(denoise, x, levels, *, prediction, **_):
   return _scan(step, (x, jnp.zeros((3,) + x.shape)), levels)[0]
 
 
+def flow_euler(denoise, x, levels, **_):
+  """diffusers' FlowMatchEulerDiscreteScheduler step on the flow's own scale x_s = x / (1 + sigma) (x itself at an
+  infinite sigma): x_s + (s_next - s) v with the velocity v = eps - x0 and s = sigma / (1 + sigma). For any
+  denoiser it lands where DDIM at eta 0 does, up to rounding."""
+  def step(carry, s):
+    x = carry[0]
+    m, d = denoise(x, s.sigma, s.t)
+    level, level_next = flow.s_of(s.sigma), flow.s_of(s.sigma_next)
+    x_s = jnp.where(jnp.isfinite(s.sigma), x / (1.0 + s.sigma), x)
+    return ((x_s + (level_next - level) * (d - m)) * (1.0 + s.sigma_next),)
+  return _scan(step, (x,), levels)[0]
+
+
 _SAMPLER_FNS = {"ddpm": ancestral, "ddim": ancestral, "euler": ancestral, "euler_ancestral": ancestral,
                 "heun": heun, "dpmpp_2m": dpmpp_2m, "dpmpp_2m_sde": dpmpp_2m, "unipc": unipc, "lms": lms,
-                "plms": plms}
+                "plms": plms, "flow_euler": flow_euler}
 
 
 # The loop.
 
-def _denoiser(model_fn, cond, *, prediction, clip_x0):
+def _flow_denoiser(model_fn, cond, *, clip_x0, num_timesteps):
+  """A flow model's denoise(x, sigma, t): the model reads x_s = x / (1 + sigma) at time s * num_timesteps (its
+  own clock: t is unused) and predicts the velocity v; x0 = x_s - s v. At an infinite sigma x is x_s itself."""
+  def denoise(x, sigma, t):
+    finite = jnp.isfinite(sigma)
+    s = flow.s_of(sigma)
+    x_s = jnp.where(finite, x / (1.0 + sigma), x)
+    v = model_fn(x_s, jnp.full((x.shape[0],), s * num_timesteps, jnp.float32), cond).astype(jnp.float32)
+    x0 = flow.x0_from_velocity(x_s, v, s)
+    if clip_x0:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = (x_s - (1.0 - s) * x0) / s
+    return x0, jnp.where(finite, (x - x0) / sigma, eps)
+  return denoise
+
+
+def _denoiser(model_fn, cond, *, prediction, clip_x0, num_timesteps=1000):
   """denoise(x, sigma, t) -> (x0, (x - x0) / sigma) in fp32, calling the model on x_t = x sqrt(abar) with t
-  broadcast to [B]. Where sigma is infinite (pure noise), x is x_t itself and the slope is the noise estimate."""
+  broadcast to [B]. Where sigma is infinite (pure noise), x is x_t itself and the slope is the noise estimate.
+  A flow model is called on its own scale (`_flow_denoiser`)."""
+  if prediction == "flow":
+    return _flow_denoiser(model_fn, cond, clip_x0=clip_x0, num_timesteps=num_timesteps)
   def denoise(x, sigma, t):
     finite = jnp.isfinite(sigma)
     alpha_bar = 1.0 / (1.0 + sigma**2)
@@ -332,9 +370,9 @@ def _check(schedule, *, sampler, steps, spacing, prediction):
     raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
   if not isinstance(spacing, str) and not callable(getattr(spacing, "levels", None)):
     raise ValueError(f"spacing {spacing!r} is neither one of {', '.join(SPACINGS)} nor a rule with a levels method")
-  if prediction not in diffusion.PREDICTIONS:
+  if prediction not in diffusion.MODEL_PREDICTIONS:
     raise ValueError(f"unknown prediction {prediction!r}; choose one of "
-                     f"{', '.join(diffusion.PREDICTIONS)}")
+                     f"{', '.join(diffusion.MODEL_PREDICTIONS)}")
   if not 1 <= steps <= schedule.num_timesteps:
     raise ValueError(f"steps must be in [1, {schedule.num_timesteps}], got {steps}")
 
@@ -391,7 +429,7 @@ def sample_levels(model_fn, schedule: Schedule, levels: Levels, noise, cond=None
 
 
 def _run(model_fn, schedule, levels, noise, cond, rng, eta, *, sampler, prediction, clip_x0):
-  denoise = _denoiser(model_fn, cond, prediction=prediction, clip_x0=clip_x0)
+  denoise = _denoiser(model_fn, cond, prediction=prediction, clip_x0=clip_x0, num_timesteps=schedule.num_timesteps)
   noise = noise.astype(jnp.float32)
   x = jnp.where(jnp.isinf(levels.sigmas[0]), noise, noise * levels.init_scale)
   x = _SAMPLER_FNS[sampler](denoise, x, _steps(schedule, levels), eta=jnp.asarray(eta, jnp.float32),
@@ -497,7 +535,7 @@ def ddim_invert(model_fn, schedule: Schedule, x0, cond=None, *, steps: int = 50,
 def _invert(model_fn, schedule, x0, cond, *, steps, prediction, spacing, clip_x0, refine):
   levels = sampling_levels(schedule, steps=steps, spacing=spacing)
   sigmas, ts = levels.sigmas, levels.ts
-  denoise = _denoiser(model_fn, cond, prediction=prediction, clip_x0=clip_x0)
+  denoise = _denoiser(model_fn, cond, prediction=prediction, clip_x0=clip_x0, num_timesteps=schedule.num_timesteps)
   slope = lambda x, sigma, t: denoise(x, sigma, t)[1]
 
   def step(x, level):

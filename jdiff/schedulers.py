@@ -343,3 +343,36 @@ def sampler_options_from_diffusers(scheduler_config: Mapping[str, Any],
   options = dict(sampler=sampler, spacing=levels, prediction=prediction,
                  eta=samplers.DEFAULT_ETA.get(sampler, 0.0), clip_x0=clip)
   return schedule, options
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMatchLevels:
+  """diffusers' FlowMatchEulerDiscreteScheduler's levels for a flow model (jdiff/flow.py): a `spacing` for any of
+  jdiff's samplers, and the levels of `flow_euler`.
+
+  With num_train_timesteps T, shift a: sigma_max = 1 and sigma_min = shift(1 / T, a) (1 / T with dynamic
+  shifting, which the scheduler leaves unshifted at construction); the n levels are linspace(sigma_max,
+  sigma_min, n), shifted by a (or by exp(mu): the same formula with a = exp(mu)), and the run ends at 0. A static
+  shift therefore reaches the last level twice shifted, as diffusers does. Levels are flow times s; jdiff's samplers
+  read sigma = s / (1 - s).
+  """
+  shift: float = 1.0
+  dynamic: bool = False
+  num_train_timesteps: int = 1000
+
+  def flow_sigmas(self, steps: int) -> np.ndarray:
+    """The scheduler's `sigmas` (flow times s) of a run of `steps` steps, the terminal 0 included, in float32."""
+    t = self.num_train_timesteps
+    s_min = 1.0 / t if self.dynamic else self.shift / t / (1 + (self.shift - 1) / t)
+    s_min = np.float32(s_min)  # the scheduler keeps sigma_min as a float32 tensor's item
+    s = np.linspace(1.0 * t, float(s_min) * t, steps) / t
+    s = (self.shift * s / (1 + (self.shift - 1) * s)).astype(np.float32)
+    return np.append(s, np.float32(0.0))
+
+  def levels(self, schedule: Schedule, steps: int) -> samplers.Levels:
+    s = jnp.asarray(self.flow_sigmas(steps))
+    with np.errstate(divide="ignore"):
+      sigmas = jnp.where(s[:-1] < 1.0, s[:-1] / (1.0 - s[:-1]), jnp.inf)
+    targets = jnp.concatenate([sigmas[1:], jnp.zeros(1)])
+    return samplers.Levels(sigmas=sigmas, ts=s[:-1] * self.num_train_timesteps, targets=targets,
+                           multistep=jnp.arange(steps) > 0, init_scale=1.0 + sigmas[0], final_scale=jnp.float32(1.0))

@@ -71,3 +71,20 @@ def gaussian_vp_model_fn(schedule, prediction, *, mean, cov):
     eps = (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
     return {"x0": x0, "eps": eps, "v": jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * x0}[prediction]
   return model_fn
+
+
+def gaussian_velocity(x_s, s, *, mean, var):
+  """Flow matching's optimal velocity E[eps - x0 | x_s] for x0 ~ N(mean, diag var) and x_s = (1 - s) x0 + s eps:
+  -mean + (s - (1 - s) var) / ((1 - s)^2 var + s^2) (x_s - (1 - s) mean), finite at s = 1 (x_s - mean there)."""
+  gain = (s - (1.0 - s) * var) / ((1.0 - s) ** 2 * var + s**2)
+  return -mean + gain * (x_s - (1.0 - s) * mean)
+
+
+def gaussian_flow_model_fn(*, mean, var, num_timesteps: int = 1000):
+  """model_fn(x_s, t, cond) of an exact flow model for x0 ~ N(mean, diag var) over the last axis; t = s T."""
+  mean, var = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
+
+  def model_fn(x_s, t, cond):
+    s = (t / num_timesteps).reshape((-1,) + (1,) * (x_s.ndim - 1))
+    return gaussian_velocity(x_s, s, mean=mean, var=var)
+  return model_fn

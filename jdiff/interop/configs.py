@@ -284,6 +284,9 @@ def diffusers_scheduler_config(*, schedule: str, num_timesteps: int, prediction:
   Karras sigmas in diffusers: their 'karras' spacing is written as 'trailing'."""
   if schedule not in SCHEDULE_NAMES:
     raise UnsupportedConfigError(f"schedule {schedule!r} has no diffusers beta_schedule")
+  if prediction not in schedulers.PREDICTIONS.values():
+    raise UnsupportedConfigError(f"prediction {prediction!r} has no diffusers prediction_type in the classes "
+                                 "jdiff writes (a flow model's FlowMatchEulerDiscreteScheduler config is not exported)")
   cls = schedulers.CLASS_OF_SAMPLER.get(sampler, "DPMSolverMultistepScheduler")
   if spacing == "karras" and "use_karras_sigmas" not in schedulers.CLASS_DEFAULTS[cls]:
     spacing = "trailing"

@@ -96,6 +96,9 @@ def bits_per_dim(pipe, split: Split, method: str, *, num: int, conditional: bool
   from jdiff.metrics import likelihood  # pylint: disable=import-outside-toplevel
   if pipe.codec:
     raise ValueError("bits per dimension are defined here for pixel models; this one samples a VAE's latents")
+  if pipe.config.diffusion.prediction == "flow":
+    raise ValueError("bits per dimension are computed on the variance-preserving process; this is a flow model "
+                     "(prediction 'flow'): measure its Fréchet and kernel distances (--metric fd,kd)")
   images, conds = split.images[:num], likelihood_conditions(pipe, split, num, conditional)
   model_fn = jax.tree_util.Partial(functools.partial(_apply, pipe.model), pipe.params)
   prediction = pipe.config.diffusion.prediction

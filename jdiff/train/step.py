@@ -1,4 +1,5 @@
-"""One U-Net training step as a pure function: sample t and noise, predict, weighted loss, Adam update, EMA."""
+"""One U-Net training step as a pure function: sample t (a flow model: s) and noise, predict, weighted loss, Adam
+update, EMA."""
 from __future__ import annotations
 
 import functools
@@ -6,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jdiff import diffusion
+from jdiff import diffusion, flow
 from jdiff.build import init_params, make_model
 from jdiff.config import Config
 from jdiff.schedules import Schedule
@@ -34,8 +35,11 @@ def training_draws(rng: jax.Array, batch: dict, config: Config) -> tuple[dict, j
   dc = config.diffusion
   x0 = batch["image"]
   k_t, k_noise, k_labels, k_dropout = jax.random.split(rng, 4)
-  draws = {"t": jax.random.randint(k_t, (x0.shape[0],), 0, dc.num_timesteps),
-           "noise": jax.random.normal(k_noise, x0.shape, jnp.float32)}
+  draws = {"noise": jax.random.normal(k_noise, x0.shape, jnp.float32)}
+  if dc.prediction == "flow":
+    draws["s"] = flow_levels(k_t, x0.shape[0], config)
+  else:
+    draws["t"] = jax.random.randint(k_t, (x0.shape[0],), 0, dc.num_timesteps)
   if config.model.num_classes:
     draws["labels"] = drop_labels(k_labels, batch["label"], config.model.num_classes, dc.label_dropout)
   if config.model.context_dim:
@@ -44,11 +48,26 @@ def training_draws(rng: jax.Array, batch: dict, config: Config) -> tuple[dict, j
   return draws, k_dropout
 
 
+def flow_levels(rng: jax.Array, batch_size: int, config: Config) -> jax.Array:
+  """A flow model's training levels s [B]: drawn from the config's density, then shifted as sampling shifts them."""
+  dc = config.diffusion
+  s = flow.draw_s(rng, (batch_size,), density=dc.flow_density, logit_mean=dc.flow_logit_mean,
+                  logit_std=dc.flow_logit_std, mode_scale=dc.flow_mode_scale)
+  return flow.shift(s, dc.flow_shift_for(config.model.image_size))
+
+
 def loss_on_draws(params, batch: dict, draws: dict, dropout_rng: jax.Array, schedule: Schedule, *, config: Config,
                   train: bool = True) -> jax.Array:
   """Mean loss over the batch for given draws; fp32 arithmetic (the U-Net returns fp32 whatever its compute dtype)."""
   dc = config.diffusion
-  x0, t, noise = batch["image"], draws["t"], draws["noise"]
+  x0, noise = batch["image"], draws["noise"]
+  if dc.prediction == "flow":
+    s = draws["s"]
+    x_s = flow.interpolate(x0, noise, s.reshape((-1,) + (1,) * (x0.ndim - 1)))
+    pred = make_model(config).apply({"params": params}, x_s, s * dc.num_timesteps, draws.get("labels"), train=train,
+                                    rngs={"dropout": dropout_rng})
+    return jnp.mean(flow.flow_loss(pred, x0=x0, noise=noise))
+  t = draws["t"]
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   pred = make_model(config).apply({"params": params}, x_t, t.astype(jnp.float32), draws.get("labels"), train=train,
                                   rngs={"dropout": dropout_rng})

@@ -35,7 +35,7 @@ class UNetTrainer:
       config = parse_config(raw)
       self._encode = latent.make_batch_encoder(self.codec, mesh, config.seed)
     self.config, self.raw = config, raw
-    self.step_inputs = (config.diffusion.make_schedule(),)
+    self.step_inputs = (config.diffusion.make_schedule(config.model.image_size),)
     self.step = functools.partial(train_step, config=config)
     self.init_state = functools.partial(create_train_state, config)
     self._evaluation = None  # (feature network, held-out split, reference statistics), made at the first evaluation
