@@ -6,10 +6,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jdiff import diffusion
+from jdiff import conditioning, diffusion
 from jdiff.build import init_params, make_model
 from jdiff.config import Config
 from jdiff.schedules import Schedule
+from jdiff.train.masks import random_masks
 from jdiff.train.state import TrainState, apply_gradients, fresh_state
 
 
@@ -29,13 +30,15 @@ def drop_captions(rng: jax.Array, ids: jax.Array, empty_ids: jax.Array, rate: fl
 
 def training_draws(rng: jax.Array, batch: dict, config: Config) -> tuple[dict, jax.Array]:
   """Per-example timesteps `t`, `noise` and the conditioning `labels` (class labels, or caption token ids for a
-  text-to-image model, some replaced by the null class or the empty prompt) for the whole batch, and the dropout
-  key."""
+  text-to-image model, some replaced by the null class or the empty prompt) for the whole batch, an inpainting
+  model's `mask`, and the dropout key."""
   dc = config.diffusion
   x0 = batch["image"]
   k_t, k_noise, k_labels, k_dropout = jax.random.split(rng, 4)
   draws = {"t": jax.random.randint(k_t, (x0.shape[0],), 0, dc.num_timesteps),
            "noise": jax.random.normal(k_noise, x0.shape, jnp.float32)}
+  if config.conditioning.kind == "inpainting":  # its own stream: the other draws stay as they were
+    draws["mask"] = random_masks(jax.random.fold_in(rng, 0x3A5C), *x0.shape[:3], config.conditioning.full_mask_rate)
   if config.model.num_classes:
     draws["labels"] = drop_labels(k_labels, batch["label"], config.model.num_classes, dc.label_dropout)
   if config.model.context_dim:
@@ -50,11 +53,26 @@ def loss_on_draws(params, batch: dict, draws: dict, dropout_rng: jax.Array, sche
   dc = config.diffusion
   x0, t, noise = batch["image"], draws["t"], draws["noise"]
   x_t = diffusion.q_sample(schedule, x0, t, noise)
+  cond = image_condition(x0, draws, config)
+  if cond is not None:
+    x_t = jnp.concatenate([x_t, cond], axis=-1)
   pred = make_model(config).apply({"params": params}, x_t, t.astype(jnp.float32), draws.get("labels"), train=train,
                                   rngs={"dropout": dropout_rng})
   losses = diffusion.diffusion_loss(pred, schedule=schedule, x0=x0, noise=noise, t=t,
                                     prediction=dc.prediction, min_snr_gamma=dc.min_snr_gamma)
   return jnp.mean(losses)
+
+
+def image_condition(x0: jax.Array, draws: dict, config: Config) -> jax.Array | None:
+  """The channels a conditioned U-Net sees beside x_t (jdiff/conditioning.py), made from the clean images; None
+  for an unconditioned one."""
+  cc = config.conditioning
+  if cc.kind == "super_resolution":
+    low = conditioning.low_resolution(x0, cc.scale)
+    return conditioning.super_resolution_condition(low, *x0.shape[1:3], cc.upsample)
+  if cc.kind == "inpainting":
+    return conditioning.inpainting_condition(x0, draws["mask"])
+  return None
 
 
 def diffusion_training_loss(params, batch: dict, rng: jax.Array, schedule: Schedule, *, config: Config,
