@@ -5,6 +5,7 @@ PNG grid or an .npz of raw arrays.
   python sample.py --workdir runs/default --label 7 --num 64 --out sevens.npz
   python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
   python sample.py --workdir runs/shapes --prompt "a red square" --guidance_scale 5 --out red.png
+  python sample.py --workdir runs/sr_digits --upscale 2 --upscale_image low.png --out high.png
   python sample.py --model stable-diffusion-v1-5 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 25 \
     --guidance_scale 7.5 --height 512 --width 512 --num 1 --out cat.png
 
@@ -68,6 +69,11 @@ _LABEL_END = flags.DEFINE_integer("label_end", None, "Last frames' class for --i
                                   flag_values=FLAGS)
 _PROMPT_END = flags.DEFINE_string("prompt_end", None, "Last frames' prompt for --interpolate (default: --prompt).",
                                   flag_values=FLAGS)
+_UPSCALE = flags.DEFINE_integer("upscale", None, "Super-resolution models: upscale --upscale_image by this factor "
+                                "(the model's config.conditioning.scale) and write the image itself to --out.",
+                                flag_values=FLAGS)
+_UPSCALE_IMAGE = flags.DEFINE_string("upscale_image", None, "The low-resolution PNG for --upscale.",
+                                     flag_values=FLAGS)
 _HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model's size).", flag_values=FLAGS)
 _WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's size).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.", flag_values=FLAGS)
@@ -103,10 +109,14 @@ def lock_output(out: str) -> locks.Lock:
 def write(samples, out: str) -> None:
   """Writes a temporary file beside `out` and renames it over `out`: readers see the old file or the new one,
   never half of one."""
+  from jdiff import images as imaging  # pylint: disable=import-outside-toplevel
   root, ext = os.path.splitext(out)
   temporary = f"{root}.tmp-{os.getpid()}{ext}"
   try:
-    samples.save(temporary, columns=_INTERPOLATE.value)  # an interpolation strip is one row
+    if _UPSCALE.value and out.endswith(".png"):  # the image itself, at its size
+      imaging.to_pil(samples.images[0]).save(temporary)
+    else:
+      samples.save(temporary, columns=_INTERPOLATE.value)  # an interpolation strip is one row
     os.replace(temporary, out)
   finally:
     if os.path.exists(temporary):
@@ -136,6 +146,15 @@ def check_flags() -> None:
     raise ValueError(f"--steps={_STEPS.value} must be at least 1")
   if not 0 <= _SEED.value < 2**32:
     raise ValueError(f"--seed={_SEED.value} is outside [0, 2**32)")
+  if (_UPSCALE.value is None) != (_UPSCALE_IMAGE.value is None):
+    raise ValueError("--upscale and --upscale_image go together: the factor and the low-resolution PNG")
+  if _UPSCALE.value is not None:
+    if _UPSCALE.value < 2:
+      raise ValueError(f"--upscale={_UPSCALE.value} must be an integer factor of at least 2")
+    if not os.path.isfile(_UPSCALE_IMAGE.value):
+      raise ValueError(f"--upscale_image={_UPSCALE_IMAGE.value!r} is not a file; give the low-resolution PNG")
+    if _INTERPOLATE.value or _HEIGHT.value or _WIDTH.value:
+      raise ValueError("--upscale makes one image from --upscale_image: drop --interpolate, --height and --width")
 
 
 def sampling_options() -> dict:
@@ -168,7 +187,9 @@ def sample_to(out: str) -> None:
       pipe = jdiff.load(_MODEL.value, dtype=_DTYPE.value, variant=_VARIANT.value)
     else:
       pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
-    if _INTERPOLATE.value:
+    if _UPSCALE.value:
+      samples = upscale(pipe)
+    elif _INTERPOLATE.value:
       samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
                                  label_end=_LABEL_END.value, prompt=_PROMPT.value, prompt_end=_PROMPT_END.value,
                                  **sampling_options())
@@ -184,6 +205,25 @@ def sample_to(out: str) -> None:
     runtime.fail(PROGRAM, f"cannot write --out={out!r}: {e}")
   origin = _MODEL.value if _MODEL.value else f"checkpoint {pipe.step} of {_WORKDIR.value}"
   print(f"wrote {len(samples.images)} images from {origin} to {out}")
+
+
+def upscale(pipe):
+  """The samples of --upscale: --upscale_image made --upscale times larger by a super-resolution model."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  scale, channels = pipe.config.conditioning.scale, pipe.config.model.output_channels
+  if pipe.config.conditioning.kind != "super_resolution" or scale != _UPSCALE.value:
+    raise ValueError(f"--upscale={_UPSCALE.value}: this model " + (
+        f"upscales by {scale}; pass --upscale {scale}" if pipe.config.conditioning.kind == "super_resolution"
+        else "is not a super-resolution model (train one with configs/sr_digits.py)"))
+  try:
+    with Image.open(_UPSCALE_IMAGE.value) as image:
+      low = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+  except OSError as e:
+    raise ValueError(f"--upscale_image={_UPSCALE_IMAGE.value!r} is not an image PIL reads: {e}") from None
+  low = low.reshape(1, *low.shape[:2], channels)
+  return pipe.upscale(low, seed=_SEED.value, sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value,
+                      guidance_scale=_GUIDANCE.value, eta=_ETA.value, clip_x0=_CLIP.value)
 
 
 def run(argv: list[str] | None = None):
