@@ -135,6 +135,7 @@ def test_conditioning_kinds_and_latent_runs_are_checked():
 
 # Sampling with a fixed condition.
 
+@pytest.mark.slow  # compiles four U-Net applications: too dear for the fast tier
 def test_guidance_runs_both_halves_on_the_same_condition():
   config = parse_config(conditioned_config("inpainting", attention_resolutions=()))
   unet = build.make_model(config)

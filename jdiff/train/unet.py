@@ -120,8 +120,8 @@ def condition_grid(pipe: Pipeline, held_out, num: int) -> np.ndarray:
     given = conditioning.super_resolution_condition(images.uint8_to_model_range(low), *real.shape[1:3], cc.upsample)
     made = pipe.upscale(low, label=labels).images
   else:
-    mask = conditioning.half_mask("left", *real.shape[1:3])
-    given = conditioning.masked(x, mask)
+    mask = conditioning.half_mask("left", *real.shape[1:3])[..., 0]
+    given = conditioning.masked(x, mask[..., None])
     made = pipe.inpaint_model(real, mask, label=labels).images
   return images.make_grid(np.concatenate([images.model_range_to_uint8(given), made, real]), num)
 
