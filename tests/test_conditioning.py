@@ -222,8 +222,9 @@ def run(program, *args):
                         text=True, cwd=ROOT, timeout=600)
 
 
-TINY_UNET = ["--config.model.channels=16", "--config.model.channel_mults=(1,2)", "--config.model.attention_resolutions=()",
-             "--config.training.num_steps=6", "--config.training.checkpoint_every=6", "--config.sampling.steps=2"]
+TINY_UNET = ["--config.model.channels=16", "--config.model.channel_mults=(1,2)",
+             "--config.model.attention_resolutions=()", "--config.training.num_steps=6",
+             "--config.training.checkpoint_every=6", "--config.sampling.steps=2"]
 
 
 @pytest.mark.slow

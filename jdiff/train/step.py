@@ -54,9 +54,8 @@ def loss_on_draws(params, batch: dict, draws: dict, dropout_rng: jax.Array, sche
   x0, t, noise = batch["image"], draws["t"], draws["noise"]
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   cond = image_condition(x0, draws, config)
-  if cond is not None:
-    x_t = jnp.concatenate([x_t, cond], axis=-1)
-  pred = make_model(config).apply({"params": params}, x_t, t.astype(jnp.float32), draws.get("labels"), train=train,
+  inputs = x_t if cond is None else jnp.concatenate([x_t, cond], axis=-1)
+  pred = make_model(config).apply({"params": params}, inputs, t.astype(jnp.float32), draws.get("labels"), train=train,
                                   rngs={"dropout": dropout_rng})
   losses = diffusion.diffusion_loss(pred, schedule=schedule, x0=x0, noise=noise, t=t,
                                     prediction=dc.prediction, min_snr_gamma=dc.min_snr_gamma)
