@@ -1,8 +1,10 @@
 """Inpainting by a digits model trained for it (configs/inpaint_digits.py): each held-out digit with one half masked
 (left, right, top, bottom) is completed by Pipeline.inpaint_model, given the digit's label, and read by the digit
-classifier of jdiff/metrics/digits.py; a whole-image mask measures generation from the label alone.
+classifier of jdiff/metrics/digits.py; a whole-image mask measures generation from the label alone. With
+--unlabelled the model gets the null class instead, so only the visible half can tell it which digit to complete.
 
-  python bench/inpainting.py --workdir runs/inpaint_digits --steps 20 --guidance_scale 3
+  python bench/inpainting.py --workdir runs/inpaint_digits --steps 20 --guidance_scale 3 --num 100
+  python bench/inpainting.py --workdir runs/inpaint_digits --steps 20 --num 100 --unlabelled
 
 Prints a Markdown table: the classifier's accuracy on the completed images, on the real images (its ceiling) and on
 the visible half alone (the masked half black, the digits' background); and the known region's error, the RMS
@@ -32,6 +34,8 @@ def main():
   parser.add_argument("--guidance_scale", type=float, default=3.0)
   parser.add_argument("--num", type=int, default=0, help="held-out digits (0: the whole test split)")
   parser.add_argument("--seed", type=int, default=1000)
+  parser.add_argument("--unlabelled", action="store_true",
+                      help="inpaint with the null class (guidance 1): the visible half alone must say the digit")
   args = parser.parse_args()
 
   pipe = jdiff.load(args.workdir, step=args.checkpoint)
@@ -40,11 +44,13 @@ def main():
   real, labels = evaluation.real_digits("test", size)
   if args.num:
     real, labels = real[:args.num], labels[:args.num]
-  options = dict(label=labels, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                 guidance_scale=args.guidance_scale)
-  pipe.inpaint_model(real[:256], np.ones((size, size)), **{**options, "label": labels[:256]})  # compiles
+  given = dict(label=None, guidance_scale=1.0) if args.unlabelled else dict(label=labels,
+                                                                             guidance_scale=args.guidance_scale)
+  options = dict(given, seed=args.seed, sampler=args.sampler, steps=args.steps)
+  first = {**options, "label": None if args.unlabelled else labels[:256]}
+  pipe.inpaint_model(real[:256], np.ones((size, size)), **first)  # compiles
   print(f"checkpoint step {pipe.step}; {len(real)} held-out digits, {size} px; {args.sampler}, {args.steps} steps, "
-        f"guidance {args.guidance_scale:g}\n")
+        + ("the null class, guidance 1\n" if args.unlabelled else f"their labels, guidance {args.guidance_scale:g}\n"))
   print(f"real digits: accuracy {evaluation.digit_accuracy(real, labels, classifier):.3f}\n")
   print("| mask | accuracy, inpainted | accuracy, visible half alone | known region RMS error | seconds per image |")
   print("|---|---|---|---|---|")
