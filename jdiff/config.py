@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from jdiff import diffusion, flow, samplers, schedules
+from jdiff import conditioning, diffusion, flow, samplers, schedules
 from jdiff.models.text import TextEncoderConfig
 from jdiff.models.unet import UNetConfig
 from jdiff.models.vae import VAEConfig
@@ -305,6 +305,27 @@ LATENT_ENCODINGS = ("sample", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
+class ConditioningConfig:
+  """Images the U-Net is conditioned on through extra input channels (jdiff/conditioning.py).
+
+  kind: 'none'; 'super_resolution': the input is [x_t, the low-resolution image upsampled], trained on images
+    downsampled by `scale` (block means, 8-bit); 'inpainting': [x_t, mask, masked image], trained on random
+    rectangles and strokes, and on fully masked images a `full_mask_rate` share of the time (so the model also
+    generates from nothing). model.in_channels must be out_channels plus the condition's channels.
+  """
+  kind: str = "none"
+  scale: int = 2
+  upsample: str = "bicubic"
+  full_mask_rate: float = 0.1
+
+  def __post_init__(self):
+    _check_choice("kind", self.kind, conditioning.KINDS)
+    _check_choice("upsample", self.upsample, conditioning.UPSAMPLING)
+    _check(_is_int(self.scale) and self.scale >= 2, "scale", self.scale, "an integer >= 2")
+    _check(0 <= self.full_mask_rate <= 1, "full_mask_rate", self.full_mask_rate, "in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
   data: DataConfig
@@ -315,6 +336,7 @@ class Config:
   parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
   text: TextConfig = dataclasses.field(default_factory=TextConfig)
   latent: LatentConfig = dataclasses.field(default_factory=LatentConfig)
+  conditioning: ConditioningConfig = dataclasses.field(default_factory=ConditioningConfig)
 
   @property
   def clip_x0(self) -> bool:
@@ -326,7 +348,7 @@ class Config:
 
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig,
             "training": TrainingConfig, "sampling": SamplingConfig, "parallel": ParallelConfig, "text": TextConfig,
-            "latent": LatentConfig}
+            "latent": LatentConfig, "conditioning": ConditioningConfig}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -425,6 +447,7 @@ def _check_consistency(config: Config) -> None:
   if not config.latent.enabled and config.model.image_size != config.data.image_size:
     raise ConfigError(f"config.model.image_size ({config.model.image_size}) must equal config.data.image_size "
                       f"({config.data.image_size}): the U-Net is built for the images the data pipeline yields")
+  _check_conditioning(config)
   if config.model.dtype == "float16":
     raise ConfigError("config.model.dtype='float16' is for inference (fp16 training would need loss scaling): train "
                       "in 'bfloat16'")
@@ -444,6 +467,22 @@ def _check_consistency(config: Config) -> None:
   if config.model.context_dim and not config.text.trainable and config.training.weight_decay:
     raise ConfigError(f"config.training.weight_decay={config.training.weight_decay} would decay the frozen text "
                       "encoder (config.text.trainable=False): set weight_decay=0.0 or train the encoder")
+
+
+def _check_conditioning(config: Config) -> None:
+  cc, mc = config.conditioning, config.model
+  extra = conditioning.cond_channels(cc.kind, mc.output_channels)
+  if mc.in_channels != mc.output_channels + extra:
+    what = {"none": "no conditioning (config.conditioning.kind='none')",
+            "super_resolution": "a super-resolution model (the low-resolution image's channels)",
+            "inpainting": "an inpainting model (the mask and the masked image's channels)"}[cc.kind]
+    raise ConfigError(f"config.model.in_channels={mc.in_channels} must be {mc.output_channels + extra} for {what}: "
+                      f"out_channels {mc.output_channels} plus {extra} condition channels")
+  if cc.kind != "none" and config.latent.enabled:
+    raise ConfigError(f"config.conditioning.kind={cc.kind!r} trains on pixels: set config.latent.vae_workdir=None")
+  if cc.kind == "super_resolution" and config.data.image_size % cc.scale:
+    raise ConfigError(f"config.conditioning.scale={cc.scale} must divide config.data.image_size "
+                      f"({config.data.image_size})")
 
 
 def _reject_unknown(prefix: str, values: Mapping[str, Any], allowed: list[str]) -> None:

@@ -143,3 +143,64 @@ def interpolation_noise(seed_a: int, seed_b: int, num_frames: int, shape) -> jnp
   """[num_frames, *shape] initial noises along the great circle from seed_a's noise to seed_b's."""
   ends = samplers.noise_from_seeds(jnp.array([seed_a, seed_b]), shape)
   return jax.vmap(lambda f: samplers.slerp(ends[0], ends[1], f))(jnp.linspace(0.0, 1.0, num_frames))
+
+
+def concat_model_fn(unet: UNet, params):
+  """The samplers' `model_fn(x, t, cond)` of a U-Net conditioned through its input channels: cond is
+  {"image": the condition [B, H, W, cond_channels], "labels": class labels, a text context [B, M, D], or None},
+  and the U-Net sees [x, cond["image"]] along the channels."""
+  def model_fn(x, t, cond):
+    inputs = jnp.concatenate([x, cond["image"].astype(x.dtype)], axis=-1)
+    if unet.config.context_dim:
+      return unet.apply({"params": params}, inputs, t, context=cond["labels"])
+    return unet.apply({"params": params}, inputs, t, cond["labels"])
+  return model_fn
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prediction", "sampler", "steps", "spacing", "guided",
+                                             "clip_x0"))
+def _sample_conditioned(params, schedule: Schedule, noise, keys, image_cond, labels, uncond, guidance_scale,
+                        guidance_rescale, eta, *, model: UNet | TextToImageUNet, prediction: str, sampler: str,
+                        steps: int, spacing: str, guided: bool, clip_x0: bool):
+  unet, unet_params = model, params
+  if isinstance(model, TextToImageUNet):
+    labels, uncond = text_context(model, params, labels), text_context(model, params, jnp.atleast_2d(uncond))
+    unet, unet_params = UNet(model.config, remat=model.remat), params["unet"]
+  model_fn = concat_model_fn(unet, unet_params)
+  if guided:  # both halves see the same image condition: one batch of 2B
+    model_fn = samplers.guided_model_fn(model_fn, guidance_scale=guidance_scale,
+                                        uncond={"image": image_cond, "labels": uncond},
+                                        guidance_rescale=guidance_rescale)
+  return samplers.sample(model_fn, schedule, noise, {"image": image_cond, "labels": labels}, sampler=sampler,
+                         steps=steps, prediction=prediction, rng=keys, eta=eta, spacing=spacing, clip_x0=clip_x0)
+
+
+def sample_conditioned(model: UNet | TextToImageUNet, params, schedule: Schedule, noise, keys, image_cond, *,
+                       labels=None, negative_labels=None, prediction: str = "eps", sampler: str = "ddim",
+                       steps: int = 50, spacing: str = "trailing", guidance_scale: float = 1.0,
+                       guidance_rescale: float = 0.0, eta: float | None = None, clip_x0: bool = True):
+  """`sample_unet` for a U-Net whose input is [x, condition]: image_cond [B, H, W, cond_channels] (a low-resolution
+  image upsampled, or a mask and masked image) is fixed for the whole run and fed at every step, to both halves of
+  classifier-free guidance. labels and negative_labels as in `sample_unet`."""
+  eta = samplers.DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
+  expected = noise.shape[:3] + (model.config.cond_channels,)
+  if tuple(image_cond.shape) != expected:
+    raise ValueError(f"the image condition must be {list(expected)} for this U-Net, got {list(image_cond.shape)}")
+  noise, keys, image_cond = spread_batch(params, noise, keys, jnp.asarray(image_cond, jnp.float32))
+  if isinstance(model, TextToImageUNet):
+    if labels is None or negative_labels is None:
+      raise ValueError("a text model samples from prompt token ids (labels) and the negative or empty prompt's "
+                       "(negative_labels)")
+    labels, uncond = jnp.asarray(labels, jnp.int32), jnp.asarray(negative_labels, jnp.int32)
+    guided = guidance_scale != 1.0
+  elif model.config.num_classes:
+    null = jnp.full((noise.shape[0],), model.config.num_classes, jnp.int32)
+    labels = null if labels is None else jnp.asarray(labels, jnp.int32)
+    uncond = null if negative_labels is None else jnp.asarray(negative_labels, jnp.int32)
+    guided = guidance_scale != 1.0 or negative_labels is not None
+  else:
+    labels = uncond = None
+    guided = False
+  return _sample_conditioned(params, schedule, noise, keys, image_cond, labels, uncond, jnp.float32(guidance_scale),
+                             jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
+                             sampler=sampler, steps=steps, spacing=spacing, guided=guided, clip_x0=clip_x0)

@@ -33,9 +33,11 @@ import jax
 import numpy as np
 
 from jdiff import build, checkpoint, generate as gen, images as imaging, latent, samplers, schedulers, sharding
+from jdiff import conditioning
 from jdiff.clip_tokenizer import CLIPTokenizer
 from jdiff.config import (Config, ConfigError, DataConfig, DiffusionConfig, SamplingConfig, TextConfig, TrainingConfig,
                           is_vae_config, parse_config)
+from jdiff.config import ConditioningConfig
 from jdiff.interop import configs, pretrained, weights
 from jdiff.models.text import TextToImageUNet
 from jdiff.models.unet import DTYPES, UNet
@@ -120,16 +122,16 @@ class Pipeline:
     if self.codec:
       size = self.config.model.image_size * self.codec.vae.downsample_factor
       return (size, size, self.codec.vae.in_channels)
-    return self.noise_shape
+    return self._noise_shape(None, None, conditioned=True)
 
   @property
   def noise_shape(self) -> tuple[int, int, int]:
     """(H, W, C) of what the sampler runs on: the images, or a latent model's latents."""
     return self._noise_shape(None, None)
 
-  def _noise_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+  def _noise_shape(self, height: int | None, width: int | None, conditioned: bool = False) -> tuple[int, int, int]:
     """noise_shape for images of height x width (None: the model's own size), which the U-Net's downsampling and
-    the VAE's must divide."""
+    the VAE's must divide; conditioned: for a U-Net that also takes an image condition."""
     mc = self.config.model
     factor = self.codec.vae.downsample_factor if self.codec else 1
     multiple = factor * 2 ** (len(mc.channel_mults) - 1)
@@ -138,9 +140,10 @@ class Pipeline:
       if value is not None and (not isinstance(value, (int, np.integer)) or value < 1 or value % multiple):
         raise ValueError(f"{name}={value!r} must be a positive multiple of {multiple} for this model")
       sides.append(mc.image_size if value is None else value // factor)
-    if mc.in_channels != mc.output_channels:
-      raise ValueError(f"this U-Net takes {mc.in_channels} channels and predicts {mc.output_channels} (an inpainting "
-                       "model): it cannot generate from noise alone")
+    if mc.in_channels != mc.output_channels and not conditioned:
+      raise ValueError(f"this U-Net takes {mc.in_channels} channels and predicts {mc.output_channels}: it is "
+                       f"conditioned on an image ({self.config.conditioning.kind}); sample it with upscale() or "
+                       "inpaint_model()")
     return (sides[0], sides[1], mc.output_channels)
 
   def generate(self, prompt: str | Sequence[str] | None = None, *, num: int | None = None,
@@ -363,6 +366,104 @@ class Pipeline:
                                     negative_labels=negatives, prediction=self.config.diffusion.prediction,
                                     **options, **edit_options))
 
+
+  def upscale(self, images: np.ndarray, *, label: int | Sequence[int] | None = None, seed: int = 0,
+              sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
+              guidance_scale: float | None = None, eta: float | None = None, clip_x0: bool | None = None,
+              batch_size: int = 256, progress: Progress | None = None) -> Samples:
+    """Super-resolution by a model trained with config.conditioning.kind 'super_resolution': uint8 images
+    [N, h, w, C] -> Samples of [N, h * scale, w * scale, C], image i from seed + i. The low-resolution images are
+    upsampled (config.conditioning.upsample) and fed beside the noise at every step. label: for a class-conditional
+    model; the other options as in generate."""
+    cc = self.config.conditioning
+    if cc.kind != "super_resolution":
+      raise ValueError(f"upscale needs a super-resolution model (config.conditioning.kind='super_resolution'); this "
+                       f"one's kind is {cc.kind!r}")
+    images = np.asarray(images)
+    channels = self.config.model.output_channels
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != channels:
+      raise ValueError(f"images must be uint8 [N, height, width, {channels}], got {images.dtype} {images.shape}")
+    height, width = images.shape[1] * cc.scale, images.shape[2] * cc.scale
+    shape = self._noise_shape(height, width, conditioned=True)
+    low = imaging.uint8_to_model_range(images)
+    image_cond = np.asarray(conditioning.super_resolution_condition(low, height, width, cc.upsample))
+    options = self._sampling_options(sampler=sampler, steps=steps, spacing=spacing, guidance_scale=guidance_scale,
+                                     eta=eta, clip_x0=clip_x0)
+    conds = self._cond(label, None, len(images))
+    sampled, seeds = self._sample_conditioned(image_cond, conds, None, seed, options, shape, batch_size, progress)
+    return self._samples(sampled, seeds, None, conds, None)
+
+  def inpaint_model(self, images: np.ndarray, mask: np.ndarray, prompt: str | Sequence[str] | None = None, *,
+                    label: int | Sequence[int] | None = None, negative_prompt: str | None = None,
+                    negative_label: int | None = None, seed: int = 0, latents: np.ndarray | None = None,
+                    sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
+                    guidance_scale: float | None = None, guidance_rescale: float = 0.0, eta: float | None = None,
+                    clip_x0: bool | None = None, batch_size: int = 256, progress: Progress | None = None) -> Samples:
+    """Inpainting by a model trained for it: Stable Diffusion's 9-channel inpainting U-Net (a diffusers directory),
+    or a jdiff model with config.conditioning.kind 'inpainting'. The U-Net sees [x_t, mask, masked image] (a latent
+    model: the mask at the latents' size and the masked image's latents, the VAE's posterior mean) at every step
+    and generates the whole image, the known region included, from noise.
+
+    images: uint8 [N, H, W, C]. mask: [N, H, W] or [N, H, W, 1], or one [H, W] for all: True, >= 0.5 (float) or
+    >= 128 (uint8) where the model fills in. A mask of all ones generates from scratch. latents: initial noise
+    [N, *noise shape] in place of seed's. prompt, label and the rest as in generate.
+    """
+    images = np.asarray(images)
+    channels = self.image_shape[-1]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != channels:
+      raise ValueError(f"images must be uint8 [N, height, width, {channels}], got {images.dtype} {images.shape}")
+    num, height, width = images.shape[:3]
+    mc = self.config.model
+    if mc.cond_channels != mc.output_channels + 1:
+      raise ValueError(f"inpaint_model needs a U-Net trained for inpainting, taking [x, mask, masked image] "
+                       f"({2 * mc.output_channels + 1} channels); this one takes {mc.in_channels}")
+    shape = self._noise_shape(height, width, conditioned=True)
+    fill = _mask_array(mask, num, height, width)
+    x = imaging.uint8_to_model_range(images)
+    if self.codec:
+      factor = self.codec.vae.downsample_factor
+      masked = self.codec.encode(np.asarray(conditioning.masked(x, fill)))
+      image_cond = np.concatenate([np.asarray(conditioning.mask_to_latent_size(fill, factor)), np.asarray(masked)],
+                                  axis=-1)
+    else:
+      image_cond = np.asarray(conditioning.inpainting_condition(x, fill))
+    options = self._sampling_options(sampler=sampler, steps=steps, spacing=spacing, guidance_scale=guidance_scale,
+                                     guidance_rescale=guidance_rescale, eta=eta, clip_x0=clip_x0,
+                                     negative_prompt=negative_prompt, negative_label=negative_label)
+    prompts = self._prompts(prompt, num)
+    conds = self._cond(label, prompts, num)
+    noise = None if latents is None else self._check_latents(latents, num, shape)
+    sampled, seeds = self._sample_conditioned(image_cond, conds, noise, seed, options, shape, batch_size, progress)
+    return self._samples(sampled, seeds, prompts, None if prompts else conds, None)
+
+  def _sample_conditioned(self, image_cond: np.ndarray, conds, noise, seed: int, options: dict, shape,
+                          batch_size: int, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
+    """(what the sampler returns, seeds) for one image condition per row, in batches of at most batch_size (a
+    short last batch padded, so that every batch reuses one compiled program)."""
+    num = len(image_cond)
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be at least 1")
+    _check_seeds(seed, seed + num - 1)
+    seeds = np.arange(seed, seed + num, dtype=np.int64)
+    options = dict(options)
+    negative, schedule = options.pop("negative_label"), options.pop("schedule")
+    size = min(batch_size, num)
+    outputs = []
+    for start in range(0, num, size):
+      part = slice(start, min(start + size, num))
+      n = part.stop - part.start
+      pad = lambda a: None if a is None else np.concatenate([a[part], np.repeat(a[part][-1:], size - n, axis=0)])
+      seeded, keys = gen.seeded_noise(shape, pad(seeds))
+      negatives = None if negative is None else np.broadcast_to(np.asarray(negative, np.int32),
+                                                                (size,) + np.shape(negative))
+      sampled = gen.sample_conditioned(self.model, self.params, schedule, seeded if noise is None else pad(noise),
+                                       keys, pad(image_cond), labels=pad(conds), negative_labels=negatives,
+                                       prediction=self.config.diffusion.prediction, **options)
+      outputs.append(np.asarray(sampled)[:n])
+      if progress:
+        progress(part.stop, num)
+    return np.concatenate(outputs), seeds
+
   def _count(self, num, prompt, label, latents) -> int:
     if prompt is not None and not (isinstance(prompt, str) or _is_str_sequence(prompt)):
       raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r}; to set how many images, "
@@ -542,6 +643,20 @@ def _is_str_sequence(value) -> bool:
   return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
+def _mask_array(mask, num: int, height: int, width: int) -> np.ndarray:
+  """float32 [num, height, width, 1], 1 where to fill in, from a mask as inpaint_model takes it."""
+  mask = np.asarray(mask)
+  if mask.ndim == 4 and mask.shape[-1] == 1:
+    mask = mask[..., 0]
+  if mask.ndim == 2:
+    mask = np.broadcast_to(mask, (num, *mask.shape))
+  if mask.shape != (num, height, width):
+    raise ValueError(f"mask must be [{num}, {height}, {width}] (or [{height}, {width}] for every image), got "
+                     f"{list(mask.shape)}")
+  threshold = 128 if mask.dtype == np.uint8 else 0.5
+  return (mask >= threshold).astype(np.float32)[..., None]
+
+
 def _check_seeds(first: int, last: int) -> None:
   """Seeds become uint32 PRNG keys: outside [0, 2**32) two seeds would silently give the same image."""
   for seed in (first, last):
@@ -670,7 +785,9 @@ def _load_diffusers(path: str, dtype: str, variant: str | None, tokenizer) -> Pi
                                             zero_terminal_snr=bool(raw.get("rescale_betas_zero_snr", False))),
                   training=TrainingConfig(), text=text,
                   sampling=SamplingConfig(sampler=sampler, spacing=spacing, guidance_scale=7.5 if conditional else 1.0,
-                                          clip_x0=clip and parts.vae is None))
+                                          clip_x0=clip and parts.vae is None),
+                  conditioning=ConditioningConfig(kind="inpainting" if unet.cond_channels == unet.output_channels + 1
+                                                  else "none"))
   codec = parts.vae and latent.LatentCodec(parts.vae, parts.vae_params, parts.scaling_factor, sample=False)
   params = {"text_encoder": parts.text_params, "unet": parts.unet_params} if parts.text else parts.unet_params
   return Pipeline(config=config, params=params, codec=codec, tokenizer=tokenizer, source=os.path.abspath(path),

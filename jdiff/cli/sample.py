@@ -5,6 +5,7 @@ PNG grid or an .npz of raw arrays.
   python sample.py --workdir runs/default --label 7 --num 64 --out sevens.npz
   python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
   python sample.py --workdir runs/shapes --prompt "a red square" --guidance_scale 5 --out red.png
+  python sample.py --workdir runs/sr_digits --upscale 2 --upscale_image low.png --out high.png
   python sample.py --model stable-diffusion-v1-5 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 25 \
     --guidance_scale 7.5 --height 512 --width 512 --num 1 --out cat.png
   python sample.py --workdir runs/default --init_image in.png --strength 0.6 --label 3 --out out.png
@@ -89,6 +90,11 @@ _OUTPAINT = flags.DEFINE_string("outpaint", None, "--init_image: extend the canv
                                 "left=8,right=8 (pixels; sides left, right, top, bottom).", flag_values=FLAGS)
 _RESAMPLE = flags.DEFINE_string("resample", None, "--mask or --outpaint: RePaint resampling JUMPS,ROUNDS, e.g. 5,4: "
                                 "each run of JUMPS steps is sampled again ROUNDS times.", flag_values=FLAGS)
+_UPSCALE = flags.DEFINE_integer("upscale", None, "Super-resolution models: upscale --upscale_image by this factor "
+                                "(the model's config.conditioning.scale) and write the image itself to --out.",
+                                flag_values=FLAGS)
+_UPSCALE_IMAGE = flags.DEFINE_string("upscale_image", None, "The low-resolution PNG for --upscale.",
+                                     flag_values=FLAGS)
 _HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model's size).", flag_values=FLAGS)
 _WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's size).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images generated per compiled call.", flag_values=FLAGS)
@@ -124,11 +130,12 @@ def lock_output(out: str) -> locks.Lock:
 def write(samples, out: str) -> None:
   """Writes a temporary file beside `out` and renames it over `out`: readers see the old file or the new one,
   never half of one."""
+  from jdiff import images as imaging  # pylint: disable=import-outside-toplevel
   root, ext = os.path.splitext(out)
   temporary = f"{root}.tmp-{os.getpid()}{ext}"
   try:
-    if _INIT_IMAGE.value and len(samples.images) == 1 and out.endswith(".png"):
-      imaging.to_pil(samples.images[0]).save(temporary)  # an edited image keeps its size
+    if (_UPSCALE.value or _INIT_IMAGE.value and len(samples.images) == 1) and out.endswith(".png"):
+      imaging.to_pil(samples.images[0]).save(temporary)  # the image itself, at its size
     else:
       samples.save(temporary, columns=_INTERPOLATE.value)  # an interpolation strip is one row
     os.replace(temporary, out)
@@ -160,6 +167,17 @@ def check_flags() -> None:
     raise ValueError(f"--steps={_STEPS.value} must be at least 1")
   if not 0 <= _SEED.value < 2**32:
     raise ValueError(f"--seed={_SEED.value} is outside [0, 2**32)")
+  if (_UPSCALE.value is None) != (_UPSCALE_IMAGE.value is None):
+    raise ValueError("--upscale and --upscale_image go together: the factor and the low-resolution PNG")
+  if _UPSCALE.value is not None:
+    if _INIT_IMAGE.value:
+      raise ValueError("--upscale reads --upscale_image; --init_image is for editing: pass one of them")
+    if _UPSCALE.value < 2:
+      raise ValueError(f"--upscale={_UPSCALE.value} must be an integer factor of at least 2")
+    if not os.path.isfile(_UPSCALE_IMAGE.value):
+      raise ValueError(f"--upscale_image={_UPSCALE_IMAGE.value!r} is not a file; give the low-resolution PNG")
+    if _INTERPOLATE.value or _HEIGHT.value or _WIDTH.value:
+      raise ValueError("--upscale makes one image from --upscale_image: drop --interpolate, --height and --width")
   check_edit_flags()
 
 
@@ -249,6 +267,8 @@ def sample_to(out: str) -> None:
       pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
     if _INIT_IMAGE.value:
       samples = edit(pipe)
+    elif _UPSCALE.value:
+      samples = upscale(pipe)
     elif _INTERPOLATE.value:
       samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
                                  label_end=_LABEL_END.value, prompt=_PROMPT.value, prompt_end=_PROMPT_END.value,
@@ -286,6 +306,21 @@ def edit(pipe):
   if _OUTPAINT.value:
     return pipe.outpaint(images, _PROMPT.value, **outpaint_sides(), **resample_options(), **options)
   return pipe.img2img(images, _PROMPT.value, **options)
+
+
+def upscale(pipe):
+  """The samples of --upscale: --upscale_image made --upscale times larger by a super-resolution model."""
+  scale, channels = pipe.config.conditioning.scale, pipe.config.model.output_channels
+  if pipe.config.conditioning.kind != "super_resolution" or scale != _UPSCALE.value:
+    raise ValueError(f"--upscale={_UPSCALE.value}: this model " + (
+        f"upscales by {scale}; pass --upscale {scale}" if pipe.config.conditioning.kind == "super_resolution"
+        else "is not a super-resolution model (train one with configs/sr_digits.py)"))
+  low = imaging.read_png(_UPSCALE_IMAGE.value, grayscale=channels == 1)
+  if low.shape[-1] != channels:
+    raise ValueError(f"--upscale_image={_UPSCALE_IMAGE.value!r} has {low.shape[-1]} channels but the model makes "
+                     f"{channels}-channel images: convert it to RGB")
+  return pipe.upscale(low[None], seed=_SEED.value, sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value,
+                      guidance_scale=_GUIDANCE.value, eta=_ETA.value, clip_x0=_CLIP.value)
 
 
 def run(argv: list[str] | None = None):

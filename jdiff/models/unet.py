@@ -59,6 +59,11 @@ class UNetConfig:
     return self.in_channels if self.out_channels is None else self.out_channels
 
   @property
+  def cond_channels(self) -> int:
+    """Input channels beyond the predicted ones: a condition concatenated to x (jdiff/conditioning.py)."""
+    return self.in_channels - self.output_channels
+
+  @property
   def resolutions(self) -> tuple[int, ...]:
     """Feature-map side length at each level of the U-Net."""
     return tuple(self.image_size // 2**level for level in range(len(self.channel_mults)))

@@ -7,10 +7,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jdiff import diffusion, flow
+from jdiff import conditioning, diffusion, flow
 from jdiff.build import init_params, make_model
 from jdiff.config import Config
 from jdiff.schedules import Schedule
+from jdiff.train.masks import random_masks
 from jdiff.train.state import TrainState, apply_gradients, fresh_state
 
 
@@ -30,8 +31,8 @@ def drop_captions(rng: jax.Array, ids: jax.Array, empty_ids: jax.Array, rate: fl
 
 def training_draws(rng: jax.Array, batch: dict, config: Config) -> tuple[dict, jax.Array]:
   """Per-example timesteps `t`, `noise` and the conditioning `labels` (class labels, or caption token ids for a
-  text-to-image model, some replaced by the null class or the empty prompt) for the whole batch, and the dropout
-  key."""
+  text-to-image model, some replaced by the null class or the empty prompt) for the whole batch, an inpainting
+  model's `mask`, and the dropout key."""
   dc = config.diffusion
   x0 = batch["image"]
   k_t, k_noise, k_labels, k_dropout = jax.random.split(rng, 4)
@@ -40,6 +41,8 @@ def training_draws(rng: jax.Array, batch: dict, config: Config) -> tuple[dict, j
     draws["s"] = flow_levels(k_t, x0.shape[0], config)
   else:
     draws["t"] = jax.random.randint(k_t, (x0.shape[0],), 0, dc.num_timesteps)
+  if config.conditioning.kind == "inpainting":  # its own stream: the other draws stay as they were
+    draws["mask"] = random_masks(jax.random.fold_in(rng, 0x3A5C), *x0.shape[:3], config.conditioning.full_mask_rate)
   if config.model.num_classes:
     draws["labels"] = drop_labels(k_labels, batch["label"], config.model.num_classes, dc.label_dropout)
   if config.model.context_dim:
@@ -61,19 +64,33 @@ def loss_on_draws(params, batch: dict, draws: dict, dropout_rng: jax.Array, sche
   """Mean loss over the batch for given draws; fp32 arithmetic (the U-Net returns fp32 whatever its compute dtype)."""
   dc = config.diffusion
   x0, noise = batch["image"], draws["noise"]
+  cond = image_condition(x0, draws, config)
+  with_cond = lambda x: x if cond is None else jnp.concatenate([x, cond], axis=-1)
   if dc.prediction == "flow":
     s = draws["s"]
     x_s = flow.interpolate(x0, noise, s.reshape((-1,) + (1,) * (x0.ndim - 1)))
-    pred = make_model(config).apply({"params": params}, x_s, s * dc.num_timesteps, draws.get("labels"), train=train,
-                                    rngs={"dropout": dropout_rng})
+    pred = make_model(config).apply({"params": params}, with_cond(x_s), s * dc.num_timesteps, draws.get("labels"),
+                                    train=train, rngs={"dropout": dropout_rng})
     return jnp.mean(flow.flow_loss(pred, x0=x0, noise=noise))
   t = draws["t"]
   x_t = diffusion.q_sample(schedule, x0, t, noise)
-  pred = make_model(config).apply({"params": params}, x_t, t.astype(jnp.float32), draws.get("labels"), train=train,
-                                  rngs={"dropout": dropout_rng})
+  pred = make_model(config).apply({"params": params}, with_cond(x_t), t.astype(jnp.float32), draws.get("labels"),
+                                  train=train, rngs={"dropout": dropout_rng})
   losses = diffusion.diffusion_loss(pred, schedule=schedule, x0=x0, noise=noise, t=t,
                                     prediction=dc.prediction, min_snr_gamma=dc.min_snr_gamma)
   return jnp.mean(losses)
+
+
+def image_condition(x0: jax.Array, draws: dict, config: Config) -> jax.Array | None:
+  """The channels a conditioned U-Net sees beside x_t (jdiff/conditioning.py), made from the clean images; None
+  for an unconditioned one."""
+  cc = config.conditioning
+  if cc.kind == "super_resolution":
+    low = conditioning.low_resolution(x0, cc.scale)
+    return conditioning.super_resolution_condition(low, *x0.shape[1:3], cc.upsample)
+  if cc.kind == "inpainting":
+    return conditioning.inpainting_condition(x0, draws["mask"])
+  return None
 
 
 def diffusion_training_loss(params, batch: dict, rng: jax.Array, schedule: Schedule, *, config: Config,

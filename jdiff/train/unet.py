@@ -10,9 +10,10 @@ import functools
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
-from jdiff import build, data, images, sharding
+from jdiff import build, conditioning, data, images, sharding
 from jdiff.config import Config, ConfigError, parse_config
 from jdiff.metrics import fid, quality
 from jdiff.pipeline import Pipeline
@@ -63,15 +64,19 @@ class UNetTrainer:
     return self._encode(batch, step) if self._encode else batch
 
   def write_samples(self, state: TrainState, step: int, writer) -> None:
-    """A grid of the config's num_samples images (one column per class or sample prompt) from the EMA params.
+    """A grid of the config's num_samples images (one column per class or sample prompt) from the EMA params; for
+    a model conditioned on images, `condition_grid` of held-out ones.
 
     The EMA params are first gathered whole onto each of this process's devices; every process then samples the
     same grid on its own, the batch split over its devices (no collectives).
     """
     params = sharding.local_replica(state.ema_params, self.mesh)
     pipe = Pipeline(config=self.config, params=params, step=step, codec=self.codec)
-    samples = pipe.generate(num=self.config.sampling.num_samples)
-    grid = images.make_grid(samples.images, samples.columns)
+    if self.config.conditioning.kind == "none":
+      samples = pipe.generate(num=self.config.sampling.num_samples)
+      grid = images.make_grid(samples.images, samples.columns)
+    else:
+      grid = condition_grid(pipe, quality.real_split(pipe, "test"), min(self.config.sampling.num_samples, 10))
     writer.write_images(step, {"samples": grid[None]})
     if jax.process_index() == 0:
       path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
@@ -101,6 +106,24 @@ class UNetTrainer:
 
   def finish(self, state: TrainState, step: int, writer) -> None:
     pass
+
+
+def condition_grid(pipe: Pipeline, held_out, num: int) -> np.ndarray:
+  """Three rows of `num` held-out images: what the model is given (the low-resolution image upsampled, or the
+  image with its left half masked out), what it makes of it (seeds 0..), and the real image."""
+  real = held_out.images[:num]
+  x = images.uint8_to_model_range(real)
+  cc = pipe.config.conditioning
+  labels = held_out.labels["label"][:num] if pipe.config.model.num_classes else None
+  if cc.kind == "super_resolution":
+    low = images.model_range_to_uint8(conditioning.low_resolution(x, cc.scale))
+    given = conditioning.super_resolution_condition(images.uint8_to_model_range(low), *real.shape[1:3], cc.upsample)
+    made = pipe.upscale(low, label=labels).images
+  else:
+    mask = conditioning.half_mask("left", *real.shape[1:3])[..., 0]
+    given = conditioning.masked(x, mask[..., None])
+    made = pipe.inpaint_model(real, mask, label=labels).images
+  return images.make_grid(np.concatenate([images.model_range_to_uint8(given), made, real]), num)
 
 
 def tokenize_captions(tokenizer, batch: dict) -> dict:
