@@ -99,12 +99,31 @@ class Pipeline:
   source: str | None = None  # the diffusers directory the model was read from, if any
   # A diffusers scheduler_config.json: generate follows it (jdiff.schedulers) unless given a spacing name.
   scheduler_config: dict | None = None
+  loras: tuple = ()  # (jdiff.lora.LoRA, weight) merged into params by with_lora, in order
 
   def __post_init__(self):
     if self.schedule is None:
       self.schedule = self.config.diffusion.make_schedule()
     if self.tokenizer is None and self.is_text_model and not self.source:
       self.tokenizer = self.config.text.tokenizer()
+
+  def with_lora(self, lora, weight: float = 1.0) -> Pipeline:
+    """A pipeline whose params have `lora` merged in at `weight` (this one is unchanged): a LoRA file (diffusers'
+    PEFT layout or kohya's), a LoRA training work dir (its lora.safetensors) or a jdiff.lora.LoRA. Several LoRAs
+    stack: pipe.with_lora(a).with_lora(b, 0.5). A LoRA made for another model raises jdiff.lora.LoRAMismatchError
+    naming the module and the shapes."""
+    from jdiff import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    adapter = lora_lib.resolve(lora, self.params)
+    return dataclasses.replace(self, params=lora_lib.merge(self.params, adapter, weight),
+                               loras=self.loras + ((adapter, weight),))
+
+  def without_lora(self) -> Pipeline:
+    """The pipeline with every LoRA that with_lora merged taken off its params again."""
+    from jdiff import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    params = self.params
+    for adapter, weight in reversed(self.loras):
+      params = lora_lib.unmerge(params, adapter, weight)
+    return dataclasses.replace(self, params=params, loras=())
 
   @functools.cached_property
   def model(self) -> UNet:
