@@ -144,16 +144,20 @@ def test_save_and_load_round_trip_exactly_with_mixed_ranks_and_scales(pipe, tmp_
   back = lora.load(str(tmp_path / "mixed.safetensors"), pipe.params)
   assert back.paths == made.paths
   for path in paths:
-    want = lora.delta(down[path], up[path], scale[path])
-    np.testing.assert_allclose(lora.delta(back.down[path], back.up[path], back.scale[path]), want, rtol=1e-6,
-                               atol=1e-6)
+    update = lambda d, u, s: s * np.einsum("...ir,ro->...io", d, u)
+    np.testing.assert_allclose(update(back.down[path], back.up[path], back.scale[path]),
+                               update(down[path], up[path], scale[path]), rtol=1e-6, atol=1e-6)
 
 
-def test_a_lora_for_another_model_is_refused_naming_module_and_shapes():
-  other = jdiff.load(SD2)
-  with pytest.raises(lora.LoRAMismatchError, match=r"does not fit module '.*': its kernel is \[\d+, \d+\], the "
-                     r"LoRA's down is \[\d+, \d+\] and up \[\d+, \d+\]"):
-    other.with_lora(os.path.join(LORAS, "peft.safetensors"))
+def test_a_lora_for_another_model_is_refused_naming_module_and_shapes(pipe):
+  """A model whose to_k takes a wider context than the LoRA's (as SD 2's 1024 against SD 1's 768)."""
+  flat = flax.traverse_util.flatten_dict(pipe.params)
+  path = ("unet", "down0_attn0", "transformer_blocks_0", "attn2", "to_k", "kernel")
+  flat[path] = np.zeros((24, flat[path].shape[1]), np.float32)
+  other = flax.traverse_util.unflatten_dict(flat)
+  with pytest.raises(lora.LoRAMismatchError, match=r"does not fit module 'unet/down0_attn0/transformer_blocks_0/attn2/"
+                     r"to_k': its kernel is \[24, 8\], the LoRA's down is \[16, 4\] and up \[4, 8\]"):
+    lora.load(os.path.join(LORAS, "peft.safetensors"), other)
 
 
 def test_unknown_modules_and_missing_files_are_named(pipe, tmp_path):
@@ -164,3 +168,39 @@ def test_unknown_modules_and_missing_files_are_named(pipe, tmp_path):
     pipe.with_lora(path)
   with pytest.raises(FileNotFoundError, match="no LoRA file"):
     pipe.with_lora(str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.slow
+def test_sample_cli_stacks_loras(pipe, tmp_path, capsys):
+  """sample.py --lora FILE:WEIGHT (twice) samples what Pipeline.with_lora does."""
+  from jdiff.cli import sample as sample_cli
+  out = tmp_path / "x.npz"
+  peft, mine = os.path.join(LORAS, "peft.safetensors"), os.path.join(LORAS, "jdiff.safetensors")
+  with pytest.raises(SystemExit) as exit_:
+    sample_cli.run(["sample.py", "--model", SD1, "--lora", f"{peft}:0.5", "--lora", mine, "--prompt", "a photo of a cat",
+                    "--num", "2", "--steps", "3", "--out", str(out)])
+  assert exit_.value.code in (0, None), capsys.readouterr().err
+  same = pipe.with_lora(peft, 0.5).with_lora(mine).generate("a photo of a cat", num=2, steps=3)
+  np.testing.assert_array_equal(np.load(out)["images"], same.images)
+  assert not np.array_equal(same.images, pipe.generate("a photo of a cat", num=2, steps=3).images)
+
+
+def test_sample_cli_refuses_a_missing_lora_before_loading(tmp_path, capsys):
+  from jdiff.cli import sample as sample_cli
+  with pytest.raises(SystemExit) as exit_:
+    sample_cli.run(["sample.py", "--model", SD1, "--lora", str(tmp_path / "none.safetensors:0.5"), "--out",
+                    str(tmp_path / "x.png")])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and "--lora=" in err and "no file or directory" in err, err
+  assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_sample_cli_names_a_lora_that_does_not_fit(tmp_path, capsys):
+  from jdiff.cli import sample as sample_cli
+  with pytest.raises(SystemExit) as exit_:
+    sample_cli.run(["sample.py", "--model", SD2, "--lora", os.path.join(LORAS, "kohya.safetensors"), "--out",
+                    str(tmp_path / "x.png")])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and "does not fit module" in err and "its kernel is" in err, err
+  assert not (tmp_path / "x.png").exists()

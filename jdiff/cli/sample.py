@@ -5,6 +5,7 @@ PNG grid or an .npz of raw arrays.
   python sample.py --workdir runs/default --label 7 --num 64 --out sevens.npz
   python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
   python sample.py --workdir runs/shapes --prompt "a red square" --guidance_scale 5 --out red.png
+  python sample.py --workdir runs/shapes --lora runs/lora/lora.safetensors:0.8 --prompt "a red square" --out red.png
   python sample.py --model stable-diffusion-v1-5 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 25 \
     --guidance_scale 7.5 --height 512 --width 512 --num 1 --out cat.png
 
@@ -75,6 +76,9 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU backend only: split t
                                     "devices and the batch over them (0: one per core that divides the batch; one "
                                     "with --model, whose wide layers use every core, and whose params each device "
                                     "would hold).", flag_values=FLAGS)
+_LORA = flags.DEFINE_multi_string("lora", [], "A LoRA to merge into the model, FILE[:WEIGHT] (weight default 1): a "
+                                  ".safetensors file (diffusers'/PEFT's or kohya's layout) or a LoRA training work "
+                                  "dir; repeat the flag to stack several.", flag_values=FLAGS)
 _KEEP_HOST_MEMORY = flags.DEFINE_bool("keep_host_memory", True, "CPU backend only: keep freed host memory for "
                                       "reuse (jdiff/cli/host_memory.py).", flag_values=FLAGS)
 
@@ -136,6 +140,25 @@ def check_flags() -> None:
     raise ValueError(f"--steps={_STEPS.value} must be at least 1")
   if not 0 <= _SEED.value < 2**32:
     raise ValueError(f"--seed={_SEED.value} is outside [0, 2**32)")
+  lora_specs()
+
+
+def lora_specs() -> list[tuple[str, float]]:
+  """(path, weight) of each --lora FILE[:WEIGHT], checked before the model loads."""
+  specs = []
+  for spec in _LORA.value:
+    path, weight = spec, 1.0
+    head, colon, tail = spec.rpartition(":")
+    if colon:
+      try:
+        path, weight = head, float(tail)
+      except ValueError:  # a colon inside the path
+        pass
+    if not os.path.exists(path):
+      raise ValueError(f"--lora={spec!r}: no file or directory {path!r}; give FILE[:WEIGHT], e.g. "
+                       "runs/lora/lora.safetensors:0.8")
+    specs.append((path, weight))
+  return specs
 
 
 def sampling_options() -> dict:
@@ -168,6 +191,8 @@ def sample_to(out: str) -> None:
       pipe = jdiff.load(_MODEL.value, dtype=_DTYPE.value, variant=_VARIANT.value)
     else:
       pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
+    for path, weight in lora_specs():
+      pipe = pipe.with_lora(path, weight)
     if _INTERPOLATE.value:
       samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
                                  label_end=_LABEL_END.value, prompt=_PROMPT.value, prompt_end=_PROMPT_END.value,
