@@ -11,7 +11,6 @@ the U-Net's attention q, k, v, out): the state holds the adapters alone; the fro
 Prints a Markdown table; sizes in MiB of float32.
 """
 import argparse
-import dataclasses
 import functools
 import os
 import sys
@@ -37,7 +36,7 @@ def sd15_config(batch: int, size: int, rank: int):
   from jdiff.config import Config, DataConfig, DiffusionConfig, LoraConfig, SamplingConfig, TextConfig, TrainingConfig
   from jdiff.interop import configs
   from jdiff.models.text import CLIP_VIT_L14_TEXT
-  unet = dataclasses.replace(configs.unet_config(SD15_UNET, "float32"), image_size=size)
+  unet = configs.unet_config(dict(SD15_UNET, sample_size=size), "float32")
   text = TextConfig(**{f: getattr(CLIP_VIT_L14_TEXT, f) for f in ("max_length", "width", "depth", "num_heads",
                                                                    "mlp_dim", "causal", "activation", "vocab_size")},
                     trainable=False)

@@ -40,6 +40,7 @@ from jdiff.interop import configs, pretrained, weights
 from jdiff.models.text import TextToImageUNet
 from jdiff.models.unet import DTYPES, UNet
 from jdiff.schedules import Schedule
+from jdiff.tokenizer import with_identifier
 
 Progress = Callable[[int, int], None]
 
@@ -106,6 +107,9 @@ class Pipeline:
       self.schedule = self.config.diffusion.make_schedule()
     if self.tokenizer is None and self.is_text_model and not self.source:
       self.tokenizer = self.config.text.tokenizer()
+      db = self.config.dreambooth
+      if db.enabled:  # A DreamBooth model reads its subject's identifier.
+        self.tokenizer = with_identifier(self.tokenizer, db.identifier, db.replaces)
 
   def with_lora(self, lora, weight: float = 1.0) -> Pipeline:
     """A pipeline whose params have `lora` merged in at `weight` (this one is unchanged): a LoRA file (diffusers'

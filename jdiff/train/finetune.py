@@ -174,20 +174,14 @@ class FinetuneTrainer(unet.UNetTrainer):
 
 def prompt_tokenizer(config: Config) -> tokenizers.Tokenizer:
   """The config's tokenizer; with DreamBooth, the identifier takes the id of config.dreambooth.replaces."""
-  tok = config.text.tokenizer()
-  if not config.dreambooth.enabled:
-    return tok
   db = config.dreambooth
-  vocabulary = list(tok.vocabulary)
-  if db.replaces not in vocabulary:
-    raise ConfigError(f"config.dreambooth.replaces={db.replaces!r} is not in the tokenizer's vocabulary: name a word "
-                      "of jdiff.tokenizer.VOCABULARY the base never saw in its captions")
-  if db.identifier in vocabulary:
-    raise ConfigError(f"config.dreambooth.identifier={db.identifier!r} is a word of the vocabulary already: choose "
-                      "a new word such as 'sks'")
-  vocabulary[vocabulary.index(db.replaces)] = db.identifier
-  tokenizer = tokenizers.Tokenizer(tok.max_length, vocabulary)
-  tokenizer.encode([db.instance_prompt, db.class_prompt])  # raises, naming the word, for one it cannot read
+  if not db.enabled:
+    return config.text.tokenizer()
+  try:
+    tokenizer = tokenizers.with_identifier(config.text.tokenizer(), db.identifier, db.replaces)
+    tokenizer.encode([db.instance_prompt, db.class_prompt])  # raises, naming the word, for one it cannot read
+  except ValueError as e:
+    raise ConfigError(f"config.dreambooth: {e}") from None
   return tokenizer
 
 
