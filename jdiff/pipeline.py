@@ -481,6 +481,10 @@ def _load_workdir(workdir: str, step: int | None, ema: bool) -> Pipeline:
       raise ConfigError(f"work dir {workdir!r} holds a VAE, not a diffusion model: sample from a latent diffusion "
                         "work dir that uses it, or measure it with bench/vae_psnr.py")
     config = parse_config(raw)
+    if config.lora.enabled:
+      raise ConfigError(f"work dir {workdir!r} holds LoRA adapters of {config.finetune.base}, not a model: apply them "
+                        f"to it with jdiff.load({config.finetune.base!r}).with_lora({workdir!r}), or sample.py "
+                        f"--workdir {config.finetune.base} --lora {workdir}")
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                                       build.abstract_params(config))
     params = checkpoint.restore_params(manager, s, abstract, "ema_params" if ema else "params")

@@ -90,6 +90,8 @@ def test_lora_training_holds_and_writes_only_the_adapters(text_workdir, tmp_path
   n = sum(d.size + u.size for d, u in adapters.values())
   assert sum(x.size for x in jax.tree_util.tree_leaves(result.state.opt_state)) == 2 * n + 1  # mu, nu, count
   assert any(np.abs(u).max() > 0 for _, u in adapters.values())  # up starts at zero: training moved it
+  with pytest.raises(ConfigError, match=r"holds LoRA adapters of .*with_lora"):
+    jdiff.load(workdir)
   merged = base.with_lora(workdir)  # its lora.safetensors
   want = lora.apply_adapters(base.params, result.state.ema_params, 2.0)
   for path, value in flax.traverse_util.flatten_dict(merged.params).items():
