@@ -45,7 +45,9 @@ def sd15_config(batch: int, size: int, rank: int):
                 lora=LoraConfig(rank=rank, alpha=float(rank or 1), targets=("attention",)))
 
 
-def measure(config) -> dict:
+def setup(config):
+  """(abstract state, jitted step, its abstract arguments after the state, frozen weights' bytes) of the config's
+  training: full fine-tuning for lora.rank 0, else LoRA."""
   import jax
   from jdiff import build, lora
   from jdiff.train.finetune import lora_train_step
@@ -55,27 +57,16 @@ def measure(config) -> dict:
   batch = {"image": jax.ShapeDtypeStruct((config.training.batch_size, mc.image_size, mc.image_size, mc.in_channels),
                                          "float32"),
            "tokens": jax.ShapeDtypeStruct((config.training.batch_size, config.text.max_length), "int32")}
-  schedule = config.diffusion.make_schedule()
+  inputs = (batch, jax.random.key(0), config.diffusion.make_schedule())
   params = build.abstract_params(config)
-  start = time.perf_counter()
-  if config.lora.enabled:
-    paths = lora.target_paths(params, config.lora.targets, ("unet",))
-    state = jax.eval_shape(lambda: fresh_state(lora.init_adapters(jax.random.key(0), params, paths, config.lora.rank),
-                                               config.training))
-    step = jax.jit(functools.partial(lora_train_step, config=config), donate_argnums=0)
-    compiled = step.lower(state, batch, jax.random.key(0), schedule, params).compile()
-    frozen = nbytes(params)
-  else:
-    state = abstract_train_state(config)
+  if not config.lora.enabled:
     step = jax.jit(functools.partial(train_step, config=config), donate_argnums=0)
-    compiled = step.lower(state, batch, jax.random.key(0), schedule).compile()
-    frozen = 0
-  analysis = compiled.memory_analysis()
-  return dict(trainable=sum(x.size for x in jax.tree_util.tree_leaves(state.params)), state=nbytes(state),
-              opt=nbytes(state.opt_state), frozen=frozen, temp=analysis.temp_size_in_bytes,
-              arguments=analysis.argument_size_in_bytes, outputs=analysis.output_size_in_bytes,
-              aliased=analysis.alias_size_in_bytes, compile_s=time.perf_counter() - start,
-              total_params=sum(x.size for x in jax.tree_util.tree_leaves(params)))
+    return abstract_train_state(config), step, inputs, 0, params
+  paths = lora.target_paths(params, config.lora.targets, ("unet",))
+  state = jax.eval_shape(lambda: fresh_state(lora.init_adapters(jax.random.key(0), params, paths, config.lora.rank),
+                                             config.training))
+  step = jax.jit(functools.partial(lora_train_step, config=config), donate_argnums=0)
+  return state, step, inputs + (params,), nbytes(params), params
 
 
 def main():
@@ -87,17 +78,26 @@ def main():
   # Buffer assignment, which the memory analysis reports, precedes LLVM's code generation: skipping LLVM's
   # optimisations changes no number here and saves most of the compile time of an SD-size step.
   os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
-  print(f"| method (batch {args.batch}, {args.size}x{args.size}x4 latents) | trainable params | training state "
-        "(MiB) | of it Adam moments (MiB) | frozen weights, a step input (MiB) | XLA temporaries (MiB) | "
-        "step's buffers: arguments + outputs - aliased + temporaries (MiB) | compile (s) |")
-  print("|---|---|---|---|---|---|---|---|")
+  import jax
+  rows = []
+  print(f"| method (batch {args.batch}, {args.size}x{args.size}x4 latents) | trainable params | training state (MiB) "
+        "| of it Adam moments (MiB) | frozen weights, a step input (MiB) |\n|---|---|---|---|---|")
   for rank in [0] + [int(r) for r in args.ranks.split(",")]:
-    m = measure(sd15_config(args.batch, args.size, rank))
-    total = m["arguments"] + m["outputs"] - m["aliased"] + m["temp"]
-    name = "full fine-tuning" if not rank else f"LoRA rank {rank}, U-Net attention"
-    print(f"| {name} ({m['total_params'] / 1e6:.1f}M params in all) | {m['trainable']:,} | {m['state'] / MIB:,.1f} | "
-          f"{m['opt'] / MIB:,.1f} | {m['frozen'] / MIB:,.1f} | {m['temp'] / MIB:,.1f} | {total / MIB:,.1f} | "
-          f"{m['compile_s']:.0f} |", flush=True)
+    name = "full fine-tuning" if not rank else f"LoRA rank {rank}, U-Net attention q/k/v/out"
+    state, step, inputs, frozen, params = setup(sd15_config(args.batch, args.size, rank))
+    count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
+    print(f"| {name} ({count(params) / 1e6:.1f}M params in all) | {count(state.params):,} | "
+          f"{nbytes(state) / MIB:,.1f} | {nbytes(state.opt_state) / MIB:,.1f} | {frozen / MIB:,.1f} |", flush=True)
+    rows.append((name, state, step, inputs))
+  print("\n| method | XLA temporaries (MiB) | arguments (MiB) | outputs (MiB) | aliased (MiB) | arguments + outputs - "
+        "aliased + temporaries (MiB) | compile (s) |\n|---|---|---|---|---|---|---|")
+  for name, state, step, inputs in rows:
+    start = time.perf_counter()
+    a = step.lower(state, *inputs).compile().memory_analysis()
+    total = a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes
+    print(f"| {name} | {a.temp_size_in_bytes / MIB:,.1f} | {a.argument_size_in_bytes / MIB:,.1f} | "
+          f"{a.output_size_in_bytes / MIB:,.1f} | {a.alias_size_in_bytes / MIB:,.1f} | {total / MIB:,.1f} | "
+          f"{time.perf_counter() - start:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
