@@ -9,8 +9,8 @@ bound to "a sks shape", with and without prior preservation, and measure what it
 2. Trains configs/dreambooth_shapes.py from --base twice with train.py (prior_weight 1 and 0), every weight.
 3. Samples --num images per prompt from the base and from each run: "a sks shape", "a red sks shape" (a colour the
    instances never had), "a sks shape at the top left" (a place they never were), and reads them with the cross
-   detector (validated first on drawn crosses and on the dataset's own shapes, at the model's size). The base reads "sks" too, at the id
-   of a word it never saw: its row is the chance level.
+   detector (validated first on drawn crosses and on the dataset's own shapes, at the model's size). The base reads
+   "sks" too, at the id of a word it never saw: its row is the chance level.
 4. Adherence to the original prompts: "a {colour} {shape}" for the 15 colour-shape pairs training showed, read by
    the shapes detector (as bench/shapes_adherence.py does), before and after.
 Prints Markdown tables and the wall time of each part; the config's sampling settings (DDIM, 20 steps, guidance 3).

@@ -177,8 +177,8 @@ def test_sample_cli_stacks_loras(pipe, tmp_path, capsys):
   out = tmp_path / "x.npz"
   peft, mine = os.path.join(LORAS, "peft.safetensors"), os.path.join(LORAS, "jdiff.safetensors")
   with pytest.raises(SystemExit) as exit_:
-    sample_cli.run(["sample.py", "--model", SD1, "--lora", f"{peft}:0.5", "--lora", mine, "--prompt", "a photo of a cat",
-                    "--num", "2", "--steps", "3", "--out", str(out)])
+    sample_cli.run(["sample.py", "--model", SD1, "--lora", f"{peft}:0.5", "--lora", mine, "--prompt",
+                    "a photo of a cat", "--num", "2", "--steps", "3", "--out", str(out)])
   assert exit_.value.code in (0, None), capsys.readouterr().err
   same = pipe.with_lora(peft, 0.5).with_lora(mine).generate("a photo of a cat", num=2, steps=3)
   np.testing.assert_array_equal(np.load(out)["images"], same.images)

@@ -86,8 +86,9 @@ class FinetuneTrainer(unet.UNetTrainer):
     count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
     if self.config.lora.enabled:
       lc = self.config.lora
-      return (f"LoRA of rank {lc.rank} (scale {lc.scale:g}) on {len(self.paths)} kernels of {self.config.finetune.base}:"
-              f" {count(state.params):,} trainable parameters, {count(self.base_params):,} frozen")
+      return (f"LoRA of rank {lc.rank} (scale {lc.scale:g}) on {len(self.paths)} kernels of "
+              f"{self.config.finetune.base}: {count(state.params):,} trainable parameters, "
+              f"{count(self.base_params):,} frozen")
     return f"full fine-tuning of {self.config.finetune.base}: {count(state.params):,} parameters"
 
   def _init_adapters(self, rng: jax.Array) -> TrainState:
