@@ -90,6 +90,8 @@ def main():
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--num", type=int, default=32, help="samples per subject prompt")
   parser.add_argument("--per_pair", type=int, default=4, help="samples per original colour-shape prompt")
+  parser.add_argument("--evaluate", default="", help="comma-separated prior weights whose runs in --out are trained "
+                      "already: measure them (and the base) without training")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   base = jdiff.load(args.base)
@@ -98,21 +100,24 @@ def main():
   instances = os.path.join(args.out, "crosses.npz")
   drawn = crosses.draw_crosses(5, seed=0, colour=shapes.COLOURS.index(INSTANCE_COLOUR),
                                position=shapes.POSITIONS.index(INSTANCE_POSITION))
-  np.savez(instances, image=resize_images(drawn["image"], size))
+  if not args.evaluate:
+    np.savez(instances, image=resize_images(drawn["image"], size))
   runs = {}
-  for prior_weight in (1.0, 0.0):
+  for prior_weight in [float(w) for w in args.evaluate.split(",")] if args.evaluate else (1.0, 0.0):
     workdir = os.path.join(args.out, f"prior_{prior_weight:g}")
-    runs[prior_weight] = workdir, train(args.base, workdir, instances, prior_weight, args.steps)
+    runs[prior_weight] = workdir, 0.0 if args.evaluate else train(args.base, workdir, instances, prior_weight,
+                                                                   args.steps)
     print(f"trained {workdir}: {runs[prior_weight][1]:.0f} s", flush=True)
   base.tokenizer = with_identifier(base.tokenizer, "sks", "sandal")
   models = {"base (sks: an unseen token id)": base}
-  models.update({f"DreamBooth, {'with' if w else 'no'} prior preservation ({args.steps} steps, {t:.0f} s)":
+  models.update({f"DreamBooth, {'with' if w else 'no'} prior preservation ({args.steps} steps"
+                 f"{f', trained in {t:.0f} s' if t else ''})":
                  jdiff.load(d) for w, (d, t) in runs.items()})
   print(f"\n| model | {' | '.join(PROMPTS)} |\n|---|---|---|---|")
   for name, pipe in models.items():
     start = time.perf_counter()
     row = subject_row(name, pipe, args.num)
-    print(row + f" <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
+    print(row + f" <!-- sampled in {time.perf_counter() - start:.0f} s -->", flush=True)
   print("\ncells: share of samples read as a cross / as a cross with the prompt's colour and place")
   print("\n| model | colour right | shape right | both |\n|---|---|---|---|")
   for name, pipe in models.items():
