@@ -326,6 +326,86 @@ class ConditioningConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Fine-tuning starts from `base`: a jdiff work dir or a diffusers directory, loaded with jdiff.load, whose model,
+  text encoder and diffusion settings replace the config's. None trains from scratch."""
+  base: str | None = None
+
+  def __post_init__(self):
+    _check(self.base is None or _is_nonempty_str(self.base), "base", self.base,
+           "None or a jdiff work dir / diffusers directory to fine-tune")
+
+
+LORA_TARGETS = ("attention", "feed_forward", "conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA fine-tuning of config.finetune.base (jdiff/lora.py): each adapted kernel W becomes
+  W + (alpha / rank) * down @ up, and only down and up train; rank 0 fine-tunes every weight instead.
+
+  targets: which kernels get adapters: 'attention' (q, k, v and output projections), 'feed_forward' (the
+  transformers' GEGLU and the text encoder's MLP), 'conv' (the residual blocks' 3x3 convolutions).
+  text_encoder: adapt the text encoder's kernels of those kinds too (else it stays frozen).
+  """
+  rank: int = 0
+  alpha: float = 0.0  # 0: alpha = rank (scale 1)
+  targets: tuple[str, ...] = ("attention",)
+  text_encoder: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", tuple(self.targets))
+    _check(_is_int(self.rank) and self.rank >= 0, "rank", self.rank, "an integer >= 0 (0 = full fine-tuning)")
+    _check(self.alpha >= 0, "alpha", self.alpha, ">= 0 (0 = the rank)")
+    _check(bool(self.targets) and all(t in LORA_TARGETS for t in self.targets), "targets", self.targets,
+           f"a non-empty tuple of {', '.join(LORA_TARGETS)}")
+    _check(isinstance(self.text_encoder, bool), "text_encoder", self.text_encoder, "True or False")
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return (self.alpha or self.rank) / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class DreamBoothConfig:
+  """DreamBooth (Ruiz et al., 2023): fine-tune config.finetune.base on a few images of a new subject captioned
+  instance_prompt, whose `identifier` is a word the base never saw (it takes the token id of `replaces`, a word of
+  the tokenizer's vocabulary absent from the base's captions). With prior_weight > 0 each batch also holds images
+  the base generated for class_prompt before training, weighted prior_weight: the prior-preservation loss.
+
+  instance_images: an .npz whose "image" holds uint8 [N, H, W, C] at the model's size; None: no DreamBooth.
+  """
+  instance_images: str | None = None
+  instance_prompt: str = "a sks shape"
+  identifier: str = "sks"
+  replaces: str = "sandal"
+  class_prompt: str = "a shape"
+  prior_weight: float = 1.0
+  num_class_images: int = 200
+  class_guidance_scale: float = 3.0
+
+  def __post_init__(self):
+    _check(self.instance_images is None or _is_nonempty_str(self.instance_images), "instance_images",
+           self.instance_images, "None or an .npz file of uint8 images")
+    _check(_is_nonempty_str(self.identifier) and self.identifier.isalnum() and self.identifier.islower(),
+           "identifier", self.identifier, "one lower-case word of letters and digits, e.g. 'sks'")
+    _check(self.identifier in self.instance_prompt.split(), "instance_prompt", self.instance_prompt,
+           f"a prompt containing the identifier {self.identifier!r}")
+    _check(self.prior_weight >= 0, "prior_weight", self.prior_weight, ">= 0 (0 = no prior preservation)")
+    _check(_is_int(self.num_class_images) and self.num_class_images >= 1, "num_class_images",
+           self.num_class_images, "an integer >= 1")
+    _check(self.class_guidance_scale >= 0, "class_guidance_scale", self.class_guidance_scale, ">= 0")
+
+  @property
+  def enabled(self) -> bool:
+    return self.instance_images is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
   data: DataConfig
@@ -337,6 +417,9 @@ class Config:
   text: TextConfig = dataclasses.field(default_factory=TextConfig)
   latent: LatentConfig = dataclasses.field(default_factory=LatentConfig)
   conditioning: ConditioningConfig = dataclasses.field(default_factory=ConditioningConfig)
+  finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  dreambooth: DreamBoothConfig = dataclasses.field(default_factory=DreamBoothConfig)
 
   @property
   def clip_x0(self) -> bool:
@@ -348,7 +431,8 @@ class Config:
 
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig,
             "training": TrainingConfig, "sampling": SamplingConfig, "parallel": ParallelConfig, "text": TextConfig,
-            "latent": LatentConfig, "conditioning": ConditioningConfig}
+            "latent": LatentConfig, "conditioning": ConditioningConfig, "finetune": FinetuneConfig, "lora": LoraConfig,
+            "dreambooth": DreamBoothConfig}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -356,7 +440,10 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
   raw = _to_dict(raw)
   _reject_unknown("", raw, ["seed", *SECTIONS])
   config = Config(seed=_seed(raw), **_parse_sections(raw, SECTIONS))
-  _check_consistency(config)
+  if config.finetune.base and "model" not in raw:  # The base's model is checked once jdiff/train/finetune.py has it.
+    _check_finetune(config)
+  else:
+    _check_consistency(config)
   return config
 
 
@@ -442,7 +529,14 @@ def parse_vae_config(raw: Mapping[str, Any]) -> VAETrainConfig:
   return config
 
 
+def _check_finetune(config: Config) -> None:
+  if (config.lora.enabled or config.dreambooth.enabled) and not config.finetune.base:
+    raise ConfigError("config.lora.rank > 0 and config.dreambooth.instance_images fine-tune a trained model: set "
+                      "config.finetune.base to its work dir or diffusers directory")
+
+
 def _check_consistency(config: Config) -> None:
+  _check_finetune(config)
   # A latent U-Net's size is checked against the VAE's latents when training starts.
   if not config.latent.enabled and config.model.image_size != config.data.image_size:
     raise ConfigError(f"config.model.image_size ({config.model.image_size}) must equal config.data.image_size "

@@ -42,6 +42,7 @@ from jdiff.interop import configs, pretrained, weights
 from jdiff.models.text import TextToImageUNet
 from jdiff.models.unet import DTYPES, UNet
 from jdiff.schedules import Schedule
+from jdiff.tokenizer import with_identifier
 
 Progress = Callable[[int, int], None]
 
@@ -101,12 +102,34 @@ class Pipeline:
   source: str | None = None  # the diffusers directory the model was read from, if any
   # A diffusers scheduler_config.json: generate follows it (jdiff.schedulers) unless given a spacing name.
   scheduler_config: dict | None = None
+  loras: tuple = ()  # (jdiff.lora.LoRA, weight) merged into params by with_lora, in order
 
   def __post_init__(self):
     if self.schedule is None:
       self.schedule = self.config.diffusion.make_schedule(self.config.model.image_size)
     if self.tokenizer is None and self.is_text_model and not self.source:
       self.tokenizer = self.config.text.tokenizer()
+      db = self.config.dreambooth
+      if db.enabled:  # A DreamBooth model reads its subject's identifier.
+        self.tokenizer = with_identifier(self.tokenizer, db.identifier, db.replaces)
+
+  def with_lora(self, lora, weight: float = 1.0) -> Pipeline:
+    """A pipeline whose params have `lora` merged in at `weight` (this one is unchanged): a LoRA file (diffusers'
+    PEFT layout or kohya's), a LoRA training work dir (its lora.safetensors) or a jdiff.lora.LoRA. Several LoRAs
+    stack: pipe.with_lora(a).with_lora(b, 0.5). A LoRA made for another model raises jdiff.lora.LoRAMismatchError
+    naming the module and the shapes."""
+    from jdiff import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    adapter = lora_lib.resolve(lora, self.params)
+    return dataclasses.replace(self, params=lora_lib.merge(self.params, adapter, weight),
+                               loras=self.loras + ((adapter, weight),))
+
+  def without_lora(self) -> Pipeline:
+    """The pipeline with every LoRA that with_lora merged taken off its params again."""
+    from jdiff import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    params = self.params
+    for adapter, weight in reversed(self.loras):
+      params = lora_lib.unmerge(params, adapter, weight)
+    return dataclasses.replace(self, params=params, loras=())
 
   @functools.cached_property
   def model(self) -> UNet:
@@ -712,6 +735,10 @@ def _load_workdir(workdir: str, step: int | None, ema: bool) -> Pipeline:
       raise ConfigError(f"work dir {workdir!r} holds a VAE, not a diffusion model: sample from a latent diffusion "
                         "work dir that uses it, or measure it with bench/vae_psnr.py")
     config = parse_config(raw)
+    if config.lora.enabled:
+      raise ConfigError(f"work dir {workdir!r} holds LoRA adapters of {config.finetune.base}, not a model: apply them "
+                        f"to it with jdiff.load({config.finetune.base!r}).with_lora({workdir!r}), or sample.py "
+                        f"--workdir {config.finetune.base} --lora {workdir}")
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                                       build.abstract_params(config))
     params = checkpoint.restore_params(manager, s, abstract, "ema_params" if ema else "params")

@@ -80,3 +80,16 @@ class Tokenizer:
                        f"{self.vocab_size} words (jdiff.tokenizer.VOCABULARY); use words it knows, such as "
                        f"{', '.join(self.vocabulary[3:12])}, ...")
     return self._ids[word]
+
+
+def with_identifier(tokenizer: Tokenizer, word: str, replaces: str) -> Tokenizer:
+  """The tokenizer with a new `word` in place of the vocabulary word `replaces`, at its id: DreamBooth's identifier
+  of a subject, given an id the model never saw in its captions so that the vocabulary size stays the model's."""
+  if replaces not in tokenizer.vocabulary:
+    raise ValueError(f"{replaces!r} is not in the tokenizer's vocabulary: name a word of jdiff.tokenizer.VOCABULARY "
+                     "the model never saw in its captions")
+  if word in tokenizer.vocabulary:
+    raise ValueError(f"{word!r} is a word of the vocabulary already: choose a new one such as 'sks'")
+  vocabulary = list(tokenizer.vocabulary)
+  vocabulary[vocabulary.index(replaces)] = word
+  return Tokenizer(tokenizer.max_length, vocabulary)

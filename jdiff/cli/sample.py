@@ -6,6 +6,7 @@ PNG grid or an .npz of raw arrays.
   python sample.py --workdir runs/default --interpolate 10 --seed 0 --label 3 --label_end 8 --out strip.png
   python sample.py --workdir runs/shapes --prompt "a red square" --guidance_scale 5 --out red.png
   python sample.py --workdir runs/sr_digits --upscale 2 --upscale_image low.png --out high.png
+  python sample.py --workdir runs/shapes --lora runs/lora/lora.safetensors:0.8 --prompt "a red square" --out red.png
   python sample.py --model stable-diffusion-v1-5 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 25 \
     --guidance_scale 7.5 --height 512 --width 512 --num 1 --out cat.png
   python sample.py --workdir runs/default --init_image in.png --strength 0.6 --label 3 --out out.png
@@ -102,6 +103,9 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU backend only: split t
                                     "devices and the batch over them (0: one per core that divides the batch; one "
                                     "with --model, whose wide layers use every core, and whose params each device "
                                     "would hold).", flag_values=FLAGS)
+_LORA = flags.DEFINE_multi_string("lora", [], "A LoRA to merge into the model, FILE[:WEIGHT] (weight default 1): a "
+                                  ".safetensors file (diffusers'/PEFT's or kohya's layout) or a LoRA training work "
+                                  "dir; repeat the flag to stack several.", flag_values=FLAGS)
 _KEEP_HOST_MEMORY = flags.DEFINE_bool("keep_host_memory", True, "CPU backend only: keep freed host memory for "
                                       "reuse (jdiff/cli/host_memory.py).", flag_values=FLAGS)
 
@@ -179,6 +183,7 @@ def check_flags() -> None:
     if _INTERPOLATE.value or _HEIGHT.value or _WIDTH.value:
       raise ValueError("--upscale makes one image from --upscale_image: drop --interpolate, --height and --width")
   check_edit_flags()
+  lora_specs()
 
 
 EDIT_FLAGS = ("strength", "mask", "outpaint", "resample")
@@ -235,6 +240,24 @@ def outpaint_sides() -> dict:
   return sides
 
 
+def lora_specs() -> list[tuple[str, float]]:
+  """(path, weight) of each --lora FILE[:WEIGHT], checked before the model loads."""
+  specs = []
+  for spec in _LORA.value:
+    path, weight = spec, 1.0
+    head, colon, tail = spec.rpartition(":")
+    if colon:
+      try:
+        path, weight = head, float(tail)
+      except ValueError:  # a colon inside the path
+        pass
+    if not os.path.exists(path):
+      raise ValueError(f"--lora={spec!r}: no file or directory {path!r}; give FILE[:WEIGHT], e.g. "
+                       "runs/lora/lora.safetensors:0.8")
+    specs.append((path, weight))
+  return specs
+
+
 def sampling_options() -> dict:
   return dict(sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value, guidance_scale=_GUIDANCE.value,
               guidance_rescale=_RESCALE.value, negative_label=_NEGATIVE_LABEL.value, eta=_ETA.value,
@@ -265,6 +288,8 @@ def sample_to(out: str) -> None:
       pipe = jdiff.load(_MODEL.value, dtype=_DTYPE.value, variant=_VARIANT.value)
     else:
       pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
+    for path, weight in lora_specs():
+      pipe = pipe.with_lora(path, weight)
     if _INIT_IMAGE.value:
       samples = edit(pipe)
     elif _UPSCALE.value:

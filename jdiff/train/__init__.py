@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jdiff import data  # noqa: F401  (before clu loads TensorFlow: jdiff/data/tf_import.py)
 from jdiff.config import is_vae_config, parse_config, parse_vae_config
-from jdiff.train import loop, unet, vae
+from jdiff.train import finetune, loop, unet, vae
 from jdiff.train.loop import TrainResult
 
 __all__ = ["TrainResult", "train_and_evaluate"]
@@ -15,4 +15,5 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainResult:
   raw = raw_config.to_dict() if hasattr(raw_config, "to_dict") else dict(raw_config)
   if is_vae_config(raw):
     return loop.run(vae.VAETrainer, parse_vae_config(raw), raw, workdir)
-  return loop.run(unet.UNetTrainer, parse_config(raw), raw, workdir)
+  config = parse_config(raw)
+  return loop.run(finetune.FinetuneTrainer if config.finetune.base else unet.UNetTrainer, config, raw, workdir)
