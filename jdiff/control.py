@@ -46,9 +46,10 @@ def check_fits(model: ControlNet, params, unet_config: UNetConfig, unet_params, 
   for path, shape in sorted(mine.items(), key=lambda item: (item[0] not in theirs, item[0])):  # the U-Net's first
     want = theirs.get(path, expected.get(path))
     if want is None or tuple(want) != tuple(shape):
+      needs = "has no such weight" if want is None else f"needs {list(want)}"
       raise ValueError(f"the ControlNet {where} does not fit this base model: its {path} has shape {list(shape)}, "
-                       f"the base's {'U-Net' if path in theirs else 'skip connections'} need "
-                       f"{None if want is None else list(want)}; use a ControlNet trained on this base")
+                       f"where the base's {'U-Net' if path in theirs else 'skip connections'} {needs}; use a "
+                       "ControlNet trained on this base")
   missing = sorted(set(expected) - set(mine))
   if missing:
     raise ValueError(f"the ControlNet {where} does not fit this base model: it has no {missing[0]}")
@@ -78,6 +79,19 @@ def load(path: str, unet_config: UNetConfig, *, step: int | None = None, dtype: 
                           abstract_params(trained))
   params = checkpoint.restore_params(manager, step, abstract, "ema_params")
   return Control(dataclasses.replace(trained, config=unet_config), params)
+
+
+def base_of(workdir: str) -> str:
+  """The base model (config.finetune.base) of the ControlNet that `workdir` trained, from its latest checkpoint."""
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"no checkpoints in {workdir!r}: a control image needs a ControlNet (--controlnet, or a "
+                            "--workdir that trained one)")
+  manager = checkpoint.make_manager(workdir, create=False)
+  steps = manager.all_steps()
+  raw = checkpoint.restore_config_checked(manager, max(steps)) if steps else {}
+  if "controlnet" not in raw:
+    raise ConfigError(f"work dir {workdir!r} holds no ControlNet: pass one with --controlnet")
+  return raw["finetune"]["base"]
 
 
 def _load_diffusers(path: str, unet_config: UNetConfig, dtype: str) -> Control:

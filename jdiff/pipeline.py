@@ -499,6 +499,9 @@ def _load_workdir(workdir: str, step: int | None, ema: bool) -> Pipeline:
     if is_vae_config(raw):
       raise ConfigError(f"work dir {workdir!r} holds a VAE, not a diffusion model: sample from a latent diffusion "
                         "work dir that uses it, or measure it with bench/vae_psnr.py")
+    if "controlnet" in raw:
+      raise ConfigError(f"work dir {workdir!r} holds a ControlNet: load its base and attach it, "
+                        f"jdiff.load(base).with_controlnet({workdir!r})")
     config = parse_config(raw)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                                       build.abstract_params(config))

@@ -75,6 +75,12 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU backend only: split t
                                     "devices and the batch over them (0: one per core that divides the batch; one "
                                     "with --model, whose wide layers use every core, and whose params each device "
                                     "would hold).", flag_values=FLAGS)
+_CONTROL_IMAGE = flags.DEFINE_string("control_image", None, "An image file (PNG, ...) that a ControlNet steers every "
+                                     "image with, resized to the images' size (needs --controlnet, or a --workdir "
+                                     "that trained a ControlNet).", flag_values=FLAGS)
+_CONTROLNET = flags.DEFINE_string("controlnet", None, "A ControlNet: a work dir that trained one, or a diffusers "
+                                  "ControlNetModel directory (config.json and safetensors).", flag_values=FLAGS)
+_CONTROL_SCALE = flags.DEFINE_float("control_scale", 1.0, "The ControlNet's conditioning scale.", flag_values=FLAGS)
 _KEEP_HOST_MEMORY = flags.DEFINE_bool("keep_host_memory", True, "CPU backend only: keep freed host memory for "
                                       "reuse (jdiff/cli/host_memory.py).", flag_values=FLAGS)
 
@@ -136,6 +142,14 @@ def check_flags() -> None:
     raise ValueError(f"--steps={_STEPS.value} must be at least 1")
   if not 0 <= _SEED.value < 2**32:
     raise ValueError(f"--seed={_SEED.value} is outside [0, 2**32)")
+  if _CONTROLNET.value and not _CONTROL_IMAGE.value:
+    raise ValueError("--controlnet needs --control_image, the image that steers the samples")
+  if _CONTROL_IMAGE.value and not os.path.isfile(_CONTROL_IMAGE.value):
+    raise ValueError(f"--control_image={_CONTROL_IMAGE.value!r} is not a file: give an image file such as edges.png")
+  if _CONTROL_IMAGE.value and _INTERPOLATE.value:
+    raise ValueError("--control_image applies to generated images, not to --interpolate")
+  if not _CONTROL_SCALE.value >= 0:
+    raise ValueError(f"--control_scale={_CONTROL_SCALE.value} must be >= 0")
 
 
 def sampling_options() -> dict:
@@ -161,13 +175,21 @@ def sample_to(out: str) -> None:
                            keep_host_memory=_KEEP_HOST_MEMORY.value,
                            micro_batch=_INTERPOLATE.value or min(_NUM.value, _BATCH.value))
   import jdiff  # pylint: disable=import-outside-toplevel
+  from jdiff import control  # pylint: disable=import-outside-toplevel
   from jdiff.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from jdiff.config import ConfigError  # pylint: disable=import-outside-toplevel
   try:
+    controlnet, workdir, step = _CONTROLNET.value, _WORKDIR.value, _CHECKPOINT.value
+    if _CONTROL_IMAGE.value and not controlnet:  # --workdir is a ControlNet run: its base is in its config
+      controlnet, workdir, step = workdir, control.base_of(workdir), None
     if _MODEL.value:
       pipe = jdiff.load(_MODEL.value, dtype=_DTYPE.value, variant=_VARIANT.value)
     else:
-      pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
+      pipe = jdiff.load(workdir, step=step)
+    options = {}
+    if controlnet:
+      pipe = pipe.with_controlnet(controlnet, step=_CHECKPOINT.value if controlnet == _WORKDIR.value else None)
+      options = dict(control_image=read_control_image(_CONTROL_IMAGE.value, pipe), control_scale=_CONTROL_SCALE.value)
     if _INTERPOLATE.value:
       samples = pipe.interpolate(_INTERPOLATE.value, seed=_SEED.value, seed_end=_SEED_END.value, label=_LABEL.value,
                                  label_end=_LABEL_END.value, prompt=_PROMPT.value, prompt_end=_PROMPT_END.value,
@@ -175,7 +197,7 @@ def sample_to(out: str) -> None:
     else:
       samples = pipe.generate(_PROMPT.value, num=_NUM.value, seed=_SEED.value, label=_LABEL.value,
                               height=_HEIGHT.value, width=_WIDTH.value, batch_size=_BATCH.value,
-                              progress=runtime.progress_bar("sampling"), **sampling_options())
+                              progress=runtime.progress_bar("sampling"), **sampling_options(), **options)
   except (ValueError, TypeError, FileNotFoundError, ConfigError, CheckpointError) as e:
     runtime.fail(PROGRAM, e)
   try:
@@ -184,6 +206,22 @@ def sample_to(out: str) -> None:
     runtime.fail(PROGRAM, f"cannot write --out={out!r}: {e}")
   origin = _MODEL.value if _MODEL.value else f"checkpoint {pipe.step} of {_WORKDIR.value}"
   print(f"wrote {len(samples.images)} images from {origin} to {out}")
+
+
+def read_control_image(path: str, pipe):
+  """The control image file as uint8 [H, W, C] at the size of the ControlNet's input (bilinear, as diffusers
+  resizes it), grey for a one-channel ControlNet, RGB otherwise."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  model = pipe.controlnet.model
+  side = (_HEIGHT.value or pipe.image_shape[0], _WIDTH.value or pipe.image_shape[1])
+  try:
+    image = Image.open(path).convert("L" if model.conditioning_channels == 1 else "RGB")
+  except OSError as e:
+    raise ValueError(f"--control_image={path!r} cannot be read as an image: {e}") from None
+  if image.size != (side[1], side[0]):
+    image = image.resize((side[1], side[0]), Image.BILINEAR)
+  return np.asarray(image).reshape(side[0], side[1], -1)
 
 
 def run(argv: list[str] | None = None):
