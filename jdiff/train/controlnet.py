@@ -49,10 +49,12 @@ def load_base(config: Config) -> Pipeline:
 
 
 def with_base(raw: dict, base: Config) -> dict:
-  """The raw config with the base's model, diffusion and latent sections and its text encoder's architecture."""
+  """The raw config with the base's model, diffusion and latent sections, its image size and its text encoder's
+  architecture."""
   raw = dict(raw)
   for section in BASE_SECTIONS:
     raw[section] = dataclasses.asdict(getattr(base, section))
+  raw["data"] = dict(raw.get("data", {}), image_size=base.data.image_size)
   raw["text"] = dict(raw.get("text", {}), **{k: getattr(base.text, k) for k in BASE_TEXT_FIELDS},
                      trainable=False)
   raw["finetune"] = dict(raw.get("finetune", {}), base=os.path.abspath(raw["finetune"]["base"]))
