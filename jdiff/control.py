@@ -100,16 +100,16 @@ def _load_diffusers(path: str, unet_config: UNetConfig, dtype: str) -> Control:
                                                      unet_config.image_size, dtype, where)
   ignored = ("image_size", "out_channels", "dropout", "dtype")
   for field in dataclasses.fields(UNetConfig):
-    if field.name not in ignored and getattr(own, field.name) != getattr(unet_config, field.name):
+    mine, theirs = getattr(own, field.name), getattr(unet_config, field.name)
+    if field.name not in ignored and mine != theirs:
       raise ValueError(f"the ControlNet {path} does not fit this base model: its {where} gives the U-Net's "
-                       f"{field.name} = {getattr(own, field.name)!r}, the base's is {getattr(unet_config, field.name)!r}")
+                       f"{field.name} = {mine!r}, the base's is {theirs!r}")
   model = ControlNet(dataclasses.replace(unet_config, dtype=dtype), channels, embedding)
-  levels = len(unet_config.channel_mults)
+  module_name = names.controlnet_module_name(len(unet_config.channel_mults), bool(unet_config.context_dim))
+  directory = os.path.abspath(path)
   try:
-    params = pretrained.read_params(os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path)),
-                                    abstract_params(model), names.controlnet_module_name(levels,
-                                                                                         bool(unet_config.context_dim)),
-                                    dtype, None, sharding.over_devices(jax.local_devices()))
+    params = pretrained.read_params(os.path.dirname(directory), os.path.basename(directory), abstract_params(model),
+                                    module_name, dtype, None, sharding.over_devices(jax.local_devices()))
   except ValueError as error:
     raise ValueError(f"the ControlNet {path} does not fit this base model: {error}") from None
   return Control(model, params)
@@ -122,7 +122,8 @@ def control_images(images, num: int, shape: tuple[int, int, int]) -> np.ndarray:
   images = np.asarray(images)
   if images.ndim == 3:
     images = np.broadcast_to(images, (num, *images.shape))
-  if images.ndim != 4 or images.shape[0] != num or images.shape[1:3] != shape[:2] or images.shape[3] not in (1, shape[2]):
+  if images.ndim != 4 or images.shape[0] != num or images.shape[1:3] != shape[:2] or \
+      images.shape[3] not in (1, shape[2]):
     raise ValueError(f"control_image must be [{shape[0]}, {shape[1]}, {shape[2]}] or [{num}, {shape[0]}, {shape[1]}, "
                      f"{shape[2]}] (one channel is repeated), got {list(images.shape)}")
   if images.dtype == np.uint8:
