@@ -77,6 +77,7 @@ def test_residuals_equal_diffusers_controlnet(sd1):
   assert rel_error(nhwc(REFS["residuals/mid"]), np.asarray(mid)) < 1e-4
 
 
+@pytest.mark.slow  # a 10-step sampling program: too much compilation for the fast tier's budget
 def test_controlled_text_to_image_equals_stable_diffusion_controlnet_pipeline(sd1):
   piped = sd1.with_controlnet(CONTROLNET)
   samples = piped.generate([str(p) for p in REFS["pipeline/prompts"]], negative_prompt=str(REFS["pipeline/negative"]),
