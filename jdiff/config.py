@@ -406,6 +406,33 @@ class DreamBoothConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ControlNetConfig:
+  """A ControlNet trained on a frozen base model (config.finetune.base); a config with this section trains one.
+
+  conditioning_channels: the control image's channels. embedding_channels: the widths of its convolutional
+  embedding, which downsamples it 2**(len - 1) times (1 for a pixel model, the VAE's factor for a latent one).
+  condition: what the control image shows, for datasets that draw it (shapes): the shape's 'silhouette' or its
+  'edges'. scale: the conditioning scale of the sample grids written in training.
+  """
+  conditioning_channels: int = 1
+  embedding_channels: tuple[int, ...] = (32,)
+  condition: str = "silhouette"
+  scale: float = 1.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "embedding_channels", tuple(self.embedding_channels))
+    _check(_is_int(self.conditioning_channels) and self.conditioning_channels > 0, "conditioning_channels",
+           self.conditioning_channels, "a positive integer")
+    _check(len(self.embedding_channels) > 0 and all(_is_int(c) and c > 0 for c in self.embedding_channels),
+           "embedding_channels", self.embedding_channels, "a non-empty tuple of positive integers")
+    _check_choice("condition", self.condition, CONTROL_CONDITIONS)
+    _check(self.scale >= 0, "scale", self.scale, ">= 0")
+
+
+CONTROL_CONDITIONS = ("silhouette", "edges")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
   data: DataConfig
@@ -420,6 +447,7 @@ class Config:
   finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   dreambooth: DreamBoothConfig = dataclasses.field(default_factory=DreamBoothConfig)
+  controlnet: ControlNetConfig = dataclasses.field(default_factory=ControlNetConfig)
 
   @property
   def clip_x0(self) -> bool:
@@ -432,7 +460,7 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig,
             "training": TrainingConfig, "sampling": SamplingConfig, "parallel": ParallelConfig, "text": TextConfig,
             "latent": LatentConfig, "conditioning": ConditioningConfig, "finetune": FinetuneConfig, "lora": LoraConfig,
-            "dreambooth": DreamBoothConfig}
+            "dreambooth": DreamBoothConfig, "controlnet": ControlNetConfig}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -511,6 +539,11 @@ class VAETrainConfig:
 
 VAE_SECTIONS = {"data": DataConfig, "vae": VAEConfig, "loss": VAELossConfig, "training": TrainingConfig,
                 "evaluation": VAEEvalConfig, "parallel": ParallelConfig}
+
+
+def is_controlnet_config(raw: Mapping[str, Any]) -> bool:
+  """Whether a raw config describes a ControlNet run (it has a `controlnet` section)."""
+  return "controlnet" in _to_dict(raw)
 
 
 def is_vae_config(raw: Mapping[str, Any]) -> bool:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import editing, samplers, sharding
+from jdiff.models.controlnet import ControlNet
 from jdiff.models.text import TextEncoder, TextToImageUNet
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule
@@ -21,23 +22,47 @@ def unet_model_fn(model: UNet | TextToImageUNet, params):
   return lambda x, t, cond: model.apply({"params": params}, x, t, cond)
 
 
+def controlled_model_fn(model: UNet | TextToImageUNet, params, controlnet: ControlNet, control_params, control,
+                        scale):
+  """`model_fn(x, t, cond)` of a U-Net steered by a ControlNet with control images [B, ...] (cond: class labels or
+  a text model's context). Under guidance x holds the conditional and the unconditional halves: both see the
+  control image, as in diffusers' StableDiffusionControlNetPipeline (guess_mode=False)."""
+  text = isinstance(model, TextToImageUNet)
+  unet = UNet(model.config, remat=model.remat) if text else model
+  unet_params = params["unet"] if text else params
+
+  def model_fn(x, t, cond):
+    image = jnp.tile(control, (x.shape[0] // control.shape[0], 1, 1, 1))
+    labels, context = (None, cond) if text else (cond, None)
+    residuals = controlnet.apply({"params": control_params}, x, t, image, labels, context=context, scale=scale)
+    return unet.apply({"params": unet_params}, x, t, labels, context=context, residuals=residuals)
+  return model_fn
+
+
 @functools.partial(jax.jit, static_argnames=("model", "prediction", "sampler", "steps", "spacing", "guided",
-                                             "clip_x0"))
-def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidance_scale, guidance_rescale, eta, *,
-                 model: UNet, prediction: str, sampler: str, steps: int, spacing: str, guided: bool,
-                 clip_x0: bool):
-  model_fn, labels = _conditioned(model, params, labels, uncond, guidance_scale, guidance_rescale, guided)
+                                             "clip_x0", "controlnet"))
+def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidance_scale, guidance_rescale, eta,
+                 control=None, control_params=None, control_scale=None, *, model: UNet, prediction: str,
+                 sampler: str, steps: int, spacing: str, guided: bool, clip_x0: bool,
+                 controlnet: ControlNet | None = None):
+  model_fn, labels = _conditioned(model, params, labels, uncond, guidance_scale, guidance_rescale, guided,
+                                  (controlnet, control_params, control, control_scale))
   return samplers.sample(model_fn, schedule, noise, labels, sampler=sampler, steps=steps,
                          prediction=prediction, rng=keys, eta=eta, spacing=spacing, clip_x0=clip_x0)
 
 
-def _conditioned(model, params, labels, uncond, guidance_scale, guidance_rescale, guided: bool):
-  """(model_fn, cond): the U-Net as the samplers call it, guided if asked, and the condition it takes."""
+def _conditioned(model, params, labels, uncond, guidance_scale, guidance_rescale, guided: bool,
+                 control=(None, None, None, None)):
+  """(model_fn, cond): the U-Net as the samplers call it, steered by a ControlNet if `control` (controlnet, its
+  params, control images, scale) names one, guided if asked, and the condition it takes."""
   model_fn = unet_model_fn(model, params)
   if isinstance(model, TextToImageUNet):  # the prompts' hidden states once, not at every step
     labels, uncond = text_context(model, params, labels), text_context(model, params, jnp.atleast_2d(uncond))
     unet = UNet(model.config, remat=model.remat)
     model_fn = lambda x, t, context: unet.apply({"params": params["unet"]}, x, t, context=context)
+  controlnet, control_params, images, scale = control
+  if controlnet is not None:
+    model_fn = controlled_model_fn(model, params, controlnet, control_params, images, scale)
   if guided:
     model_fn = samplers.guided_model_fn(model_fn, guidance_scale=guidance_scale, uncond=uncond,
                                         guidance_rescale=guidance_rescale)
@@ -65,7 +90,8 @@ def spread_batch(params, *batch_arrays):
 def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=None, negative_labels=None,
                 prediction: str = "eps", sampler: str = "ddim", steps: int = 50, spacing: str = "trailing",
                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0, eta: float | None = None,
-                clip_x0: bool = True):
+                clip_x0: bool = True, controlnet: ControlNet | None = None, control_params=None, control=None,
+                control_scale: float = 1.0):
   """Samples (images in [-1, 1], or latents) from initial noise [B, H, W, C] and per-example keys [B] for
   stochastic samplers. clip_x0: clip each denoised estimate to [-1, 1]; right for pixels, wrong for latents.
 
@@ -73,13 +99,19 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
   classifier-free guidance) toward `labels` (default: all null, i.e. unconditional samples).
   For a text model (TextToImageUNet), labels are the prompts' token ids [B, L] and negative_labels the negative
   prompt's, [L] or [B, L]: the empty prompt's for classifier-free guidance.
+  A `controlnet` with its `control_params` steers the U-Net with `control` images [B, ...] in [0, 1], its
+  residuals multiplied by control_scale (traced).
   """
   eta = samplers.DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
   noise, keys = spread_batch(params, noise, keys)
   labels, uncond, guided = _conditions(model, len(noise), labels, negative_labels, guidance_scale)
+  controls = ()
+  if controlnet is not None:
+    controls = (jnp.asarray(control, jnp.float32), control_params, jnp.float32(control_scale))
   return _sample_unet(params, schedule, noise, keys, labels, uncond, jnp.float32(guidance_scale),
-                      jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
-                      sampler=sampler, steps=steps, spacing=spacing, guided=guided, clip_x0=clip_x0)
+                      jnp.float32(guidance_rescale), jnp.float32(eta), *controls, model=model, prediction=prediction,
+                      sampler=sampler, steps=steps, spacing=spacing, guided=guided, clip_x0=clip_x0,
+                      controlnet=controlnet)
 
 
 def _conditions(model, batch: int, labels, negative_labels, guidance_scale):

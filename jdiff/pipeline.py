@@ -32,7 +32,7 @@ from typing import Callable, Protocol, Sequence
 import jax
 import numpy as np
 
-from jdiff import build, checkpoint, generate as gen, images as imaging, latent, samplers, schedulers, sharding
+from jdiff import build, checkpoint, control, generate as gen, images as imaging, latent, samplers, schedulers, sharding
 from jdiff import conditioning
 from jdiff.clip_tokenizer import CLIPTokenizer
 from jdiff.config import (Config, ConfigError, DataConfig, DiffusionConfig, SamplingConfig, TextConfig, TrainingConfig,
@@ -103,6 +103,7 @@ class Pipeline:
   # A diffusers scheduler_config.json: generate follows it (jdiff.schedulers) unless given a spacing name.
   scheduler_config: dict | None = None
   loras: tuple = ()  # (jdiff.lora.LoRA, weight) merged into params by with_lora, in order
+  controlnet: control.Control | None = None  # with_controlnet's: generate then takes control images
 
   def __post_init__(self):
     if self.schedule is None:
@@ -175,7 +176,8 @@ class Pipeline:
                sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
                guidance_scale: float | None = None, guidance_rescale: float = 0.0, eta: float | None = None,
                clip_x0: bool | None = None, height: int | None = None, width: int | None = None,
-               batch_size: int = 256, progress: Progress | None = None) -> Samples:
+               batch_size: int = 256, progress: Progress | None = None, control_image=None,
+               control_scale: float = 1.0) -> Samples:
     """Images with seeds seed, seed + 1, ...: image i depends on its seed and condition alone, not on the batch.
 
     prompt (text models): one prompt for every image or one per image; None cycles through the config's
@@ -189,6 +191,8 @@ class Pipeline:
       (pixel models clip, latent models do not).
     height, width: the images' size (None: the model's), a multiple of the U-Net's and the VAE's downsampling.
     progress(done, total) is called after each batch of at most batch_size images.
+    control_image (a pipeline with_controlnet): uint8, or float in [0, 1], [H, W, C] for every image or
+      [num, H, W, C], at the images' size; control_scale multiplies the ControlNet's residuals.
     """
     num = self._count(num, prompt, label, latents)
     shape = self._noise_shape(height, width)
@@ -202,12 +206,14 @@ class Pipeline:
     prompts = self._prompts(prompt, num)
     conds = self._cond(label, prompts, num)
     noise = None if latents is None else self._check_latents(latents, num, shape)
+    controls = self._controls(control_image, control_scale, num, shape, options)
     size = min(batch_size, num)
     outputs = []
     for start in range(0, num, size):
       part = slice(start, min(start + size, num))
       outputs.append(self._sample_padded(seeds[part], None if noise is None else noise[part],
-                                         None if conds is None else conds[part], size, options, shape))
+                                         None if conds is None else conds[part], size, options, shape,
+                                         None if controls is None else controls[part]))
       if progress:
         progress(part.stop, num)
     sampled = np.concatenate(outputs)
@@ -573,12 +579,14 @@ class Pipeline:
       raise ValueError(f"{error} (in {self.source}/scheduler/scheduler_config.json; or pass a spacing name to "
                        "sample with jdiff's own conventions)") from None
 
-  def _sample_padded(self, seeds, noise, conds, size: int, options: dict, shape) -> np.ndarray:
+  def _sample_padded(self, seeds, noise, conds, size: int, options: dict, shape, controls=None) -> np.ndarray:
     """Pads a short last batch to `size`, so every batch reuses one compiled program."""
     n = len(seeds)
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)])
     seeded, keys = gen.seeded_noise(shape, pad(seeds))
     noise = seeded if noise is None else pad(noise)
+    if controls is not None:
+      options = dict(options, control=pad(controls))
     return self._sample(noise, keys, None if conds is None else pad(conds), options)[:n]
 
   def _sample(self, noise, keys, conds, options: dict) -> np.ndarray:
@@ -591,9 +599,43 @@ class Pipeline:
     schedule = options.pop("schedule")
     negatives = None if negative is None else np.broadcast_to(np.asarray(negative, np.int32),
                                                               (len(noise),) + np.shape(negative))
+    if self.controlnet is not None:
+      if "control" not in options:
+        raise ValueError("a pipeline with a ControlNet samples only through generate(control_image=...)")
+      options.update(controlnet=self.controlnet.model, control_params=self.controlnet.params)
     return np.asarray(gen.sample_unet(self.model, self.params, schedule, noise, keys, labels=conds,
                                       negative_labels=negatives, prediction=self.config.diffusion.prediction,
                                       **options))
+
+  def with_controlnet(self, controlnet: str | control.Control, *, step: int | None = None) -> Pipeline:
+    """This pipeline steered by a ControlNet: a jdiff ControlNet work dir (its EMA params at `step`, default the
+    latest), a diffusers ControlNetModel directory (config.json and diffusion_pytorch_model.safetensors), or a
+    jdiff.control.Control. One that does not fit this base model raises ValueError naming the shapes that differ."""
+    unet_params = self.params["unet"] if self.is_text_model else self.params
+    if isinstance(controlnet, str):
+      where = controlnet
+      controlnet = control.load(controlnet, self.config.model, step=step, dtype=self.config.model.dtype)
+    else:
+      where = "given"
+    control.check_fits(controlnet.model, controlnet.params, self.config.model, unet_params, where)
+    return dataclasses.replace(self, controlnet=dataclasses.replace(
+        controlnet, model=dataclasses.replace(controlnet.model, config=self.config.model)))
+
+  def _controls(self, control_image, control_scale: float, num: int, shape, options: dict) -> np.ndarray | None:
+    """The control images [num, ...] in [0, 1] (control_scale goes into options), or None without a ControlNet."""
+    if self.controlnet is None:
+      if control_image is not None:
+        raise ValueError("control_image given, but this pipeline has no ControlNet: use "
+                         "pipe.with_controlnet(path) first")
+      return None
+    if control_image is None:
+      raise ValueError("this pipeline has a ControlNet: pass control_image=... (or use the pipeline without it)")
+    if not (np.isfinite(control_scale) and control_scale >= 0):
+      raise ValueError(f"control_scale={control_scale} must be a finite number >= 0")
+    options["control_scale"] = float(control_scale)
+    f = self.controlnet.model.control_factor
+    return control.control_images(control_image, num,
+                                  (shape[0] * f, shape[1] * f, self.controlnet.model.conditioning_channels))
 
   def _prompts(self, prompt, num: int) -> list[str] | None:
     """A text model's prompt for each of `num` images (None: cycle through config.text.sample_prompts)."""
@@ -734,6 +776,9 @@ def _load_workdir(workdir: str, step: int | None, ema: bool) -> Pipeline:
     if is_vae_config(raw):
       raise ConfigError(f"work dir {workdir!r} holds a VAE, not a diffusion model: sample from a latent diffusion "
                         "work dir that uses it, or measure it with bench/vae_psnr.py")
+    if "controlnet" in raw:
+      raise ConfigError(f"work dir {workdir!r} holds a ControlNet: load its base and attach it, "
+                        f"jdiff.load(base).with_controlnet({workdir!r})")
     config = parse_config(raw)
     if config.lora.enabled:
       raise ConfigError(f"work dir {workdir!r} holds LoRA adapters of {config.finetune.base}, not a model: apply them "

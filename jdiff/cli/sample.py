@@ -106,6 +106,12 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU backend only: split t
 _LORA = flags.DEFINE_multi_string("lora", [], "A LoRA to merge into the model, FILE[:WEIGHT] (weight default 1): a "
                                   ".safetensors file (diffusers'/PEFT's or kohya's layout) or a LoRA training work "
                                   "dir; repeat the flag to stack several.", flag_values=FLAGS)
+_CONTROL_IMAGE = flags.DEFINE_string("control_image", None, "An image file (PNG, ...) that a ControlNet steers every "
+                                     "image with, resized to the images' size (needs --controlnet, or a --workdir "
+                                     "that trained a ControlNet).", flag_values=FLAGS)
+_CONTROLNET = flags.DEFINE_string("controlnet", None, "A ControlNet: a work dir that trained one, or a diffusers "
+                                  "ControlNetModel directory (config.json and safetensors).", flag_values=FLAGS)
+_CONTROL_SCALE = flags.DEFINE_float("control_scale", 1.0, "The ControlNet's conditioning scale.", flag_values=FLAGS)
 _KEEP_HOST_MEMORY = flags.DEFINE_bool("keep_host_memory", True, "CPU backend only: keep freed host memory for "
                                       "reuse (jdiff/cli/host_memory.py).", flag_values=FLAGS)
 
@@ -182,6 +188,16 @@ def check_flags() -> None:
       raise ValueError(f"--upscale_image={_UPSCALE_IMAGE.value!r} is not a file; give the low-resolution PNG")
     if _INTERPOLATE.value or _HEIGHT.value or _WIDTH.value:
       raise ValueError("--upscale makes one image from --upscale_image: drop --interpolate, --height and --width")
+  if _CONTROLNET.value and not _CONTROL_IMAGE.value:
+    raise ValueError("--controlnet needs --control_image, the image that steers the samples")
+  if _CONTROL_IMAGE.value and not os.path.isfile(_CONTROL_IMAGE.value):
+    raise ValueError(f"--control_image={_CONTROL_IMAGE.value!r} is not a file: give an image file such as edges.png")
+  if _CONTROL_IMAGE.value and _INTERPOLATE.value:
+    raise ValueError("--control_image applies to generated images, not to --interpolate")
+  if not _CONTROL_SCALE.value >= 0:
+    raise ValueError(f"--control_scale={_CONTROL_SCALE.value} must be >= 0")
+  if _CONTROL_IMAGE.value and (_INIT_IMAGE.value or _UPSCALE.value):
+    raise ValueError("--control_image steers generated images: drop --init_image and --upscale")
   check_edit_flags()
   lora_specs()
 
@@ -281,15 +297,23 @@ def sample_to(out: str) -> None:
                            keep_host_memory=_KEEP_HOST_MEMORY.value,
                            micro_batch=_INTERPOLATE.value or min(_NUM.value, _BATCH.value))
   import jdiff  # pylint: disable=import-outside-toplevel
+  from jdiff import control  # pylint: disable=import-outside-toplevel
   from jdiff.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from jdiff.config import ConfigError  # pylint: disable=import-outside-toplevel
   try:
+    controlnet, workdir, step = _CONTROLNET.value, _WORKDIR.value, _CHECKPOINT.value
+    if _CONTROL_IMAGE.value and not controlnet:  # --workdir is a ControlNet run: its base is in its config
+      controlnet, workdir, step = workdir, control.base_of(workdir), None
     if _MODEL.value:
       pipe = jdiff.load(_MODEL.value, dtype=_DTYPE.value, variant=_VARIANT.value)
     else:
-      pipe = jdiff.load(_WORKDIR.value, step=_CHECKPOINT.value)
+      pipe = jdiff.load(workdir, step=step)
     for path, weight in lora_specs():
       pipe = pipe.with_lora(path, weight)
+    options = {}
+    if controlnet:
+      pipe = pipe.with_controlnet(controlnet, step=_CHECKPOINT.value if controlnet == _WORKDIR.value else None)
+      options = dict(control_image=read_control_image(_CONTROL_IMAGE.value, pipe), control_scale=_CONTROL_SCALE.value)
     if _INIT_IMAGE.value:
       samples = edit(pipe)
     elif _UPSCALE.value:
@@ -301,7 +325,7 @@ def sample_to(out: str) -> None:
     else:
       samples = pipe.generate(_PROMPT.value, num=_NUM.value, seed=_SEED.value, label=_LABEL.value,
                               height=_HEIGHT.value, width=_WIDTH.value, batch_size=_BATCH.value,
-                              progress=runtime.progress_bar("sampling"), **sampling_options())
+                              progress=runtime.progress_bar("sampling"), **sampling_options(), **options)
   except (ValueError, TypeError, FileNotFoundError, ConfigError, CheckpointError) as e:
     runtime.fail(PROGRAM, e)
   try:
@@ -346,6 +370,21 @@ def upscale(pipe):
                      f"{channels}-channel images: convert it to RGB")
   return pipe.upscale(low[None], seed=_SEED.value, sampler=_SAMPLER.value, steps=_STEPS.value, spacing=_SPACING.value,
                       guidance_scale=_GUIDANCE.value, eta=_ETA.value, clip_x0=_CLIP.value)
+
+
+def read_control_image(path: str, pipe):
+  """The control image file as uint8 [H, W, C] at the size of the ControlNet's input (bilinear, as diffusers
+  resizes it), grey for a one-channel ControlNet, RGB otherwise."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  model = pipe.controlnet.model
+  side = (_HEIGHT.value or pipe.image_shape[0], _WIDTH.value or pipe.image_shape[1])
+  try:
+    image = Image.open(path).convert("L" if model.conditioning_channels == 1 else "RGB")
+  except OSError as e:
+    raise ValueError(f"--control_image={path!r} cannot be read as an image: {e}") from None
+  if image.size != (side[1], side[0]):
+    image = image.resize((side[1], side[0]), Image.BILINEAR)
+  return np.asarray(image).reshape(side[0], side[1], -1)
 
 
 def run(argv: list[str] | None = None):

@@ -100,6 +100,8 @@ def report(result, is_vae: bool) -> None:
            f"images in {os.path.join(workdir, 'samples')}, logs: tensorboard --logdir {workdir}"]
   if is_vae:
     lines.append(f"next: train a latent model on it with --config.latent.vae_workdir={os.path.abspath(workdir)}")
+  elif "controlnet" in result.config:
+    lines.append(f"next: python sample.py --workdir {workdir} --control_image edges.png --out samples.png")
   else:
     lines.append(f"next: python sample.py --workdir {workdir} --out samples.png")
   print("\n".join(lines))

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jdiff.images import uint8_to_model_range
+
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
@@ -56,11 +58,13 @@ def caption(colour: int, shape: int, size: int | None = None, position: int | No
   return " ".join(words)
 
 
-def shapes_examples(num: int, seed: int, heldout: bool = False, image_size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
+def shapes_examples(num: int, seed: int, heldout: bool = False, image_size: int = IMAGE_SIZE, *,
+                    stream: tuple[int, ...] = (), masks: bool = False) -> dict[str, np.ndarray]:
   """`num` examples drawn from `seed`: {"image": uint8 [N, S, S, 3], "caption": str [N], "label", "shape",
   "colour", "size", "position": int64 [N]}. heldout=False draws colour-shape pairs outside HELD_OUT_PAIRS, True
-  only from them."""
-  rng = np.random.default_rng([seed, int(heldout)])
+  only from them. `stream` draws another sequence from the same seed. masks=True adds "mask", uint8 [N, S, S, 1]:
+  each shape's silhouette (255 inside, 0 outside, anti-aliased like the image)."""
+  rng = np.random.default_rng([seed, int(heldout), *stream])
   held = np.isin(np.arange(len(LABEL_NAMES)), held_out_labels())
   pairs = np.flatnonzero(held if heldout else ~held)
   label = pairs[rng.integers(len(pairs), size=num)]
@@ -78,8 +82,20 @@ def shapes_examples(num: int, seed: int, heldout: bool = False, image_size: int 
       for i in range(0, num, 256)]) if num else np.zeros((0, image_size, image_size, 3), np.uint8)
   captions = np.array([caption(c, s, z if t in (0, 2) else None, p if t in (0, 1) else None)
                        for c, s, z, p, t in zip(colour, shape, size, position, template)], dtype=object)
-  return {"image": images, "caption": captions, "label": label, "shape": shape, "colour": colour, "size": size,
-          "position": position}
+  examples = {"image": images, "caption": captions, "label": label, "shape": shape, "colour": colour, "size": size,
+              "position": position}
+  if masks:
+    white, black = np.full((num, 3), 255.0, np.float32), np.zeros(num, np.float32)
+    examples["mask"] = render(shape, centre, half, white, black, image_size)[..., :1]
+  return examples
+
+
+def edge_map(masks: np.ndarray) -> np.ndarray:
+  """The edges of silhouettes uint8 [N, S, S, 1]: the morphological gradient (3x3 maximum minus 3x3 minimum)."""
+  padded = np.pad(masks[..., 0], ((0, 0), (1, 1), (1, 1)), mode="edge")
+  s = masks.shape[1]
+  windows = np.stack([padded[:, i:i + s, j:j + s] for i in range(3) for j in range(3)])
+  return (windows.max(axis=0) - windows.min(axis=0))[..., None]
 
 
 def render(shape, centre, half, rgb, background, image_size: int) -> np.ndarray:
@@ -134,3 +150,32 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     examples = shapes_split(split)
     for index in range(SPLIT_SIZES[split]):
       yield index, {key: values[index] for key, values in examples.items()}
+
+
+CONTROL_STREAM = 7  # keeps the ControlNet batches' draws apart from the splits'
+
+
+def control_examples(num: int, seed: int, stream: tuple[int, ...], image_size: int, condition: str,
+                     heldout: bool = False) -> dict[str, np.ndarray]:
+  """shapes_examples with a control image "control", uint8 [N, S, S, 1]: the silhouette ('silhouette') or its
+  edge map ('edges'), drawn at 32x32 and resized to image_size as the images are (the training pipeline's resize)."""
+  from jdiff.data.images import resize_images  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  examples = shapes_examples(num, seed, heldout, stream=(CONTROL_STREAM, *stream), masks=True)
+  examples["image"] = resize_images(examples["image"], image_size)
+  mask = resize_images(examples.pop("mask"), image_size)
+  examples["control"] = mask if condition == "silhouette" else edge_map(mask)
+  return examples
+
+
+def control_batches(batch_size: int, seed: int, image_size: int, condition: str, *, process_index: int = 0,
+                    start_step: int = 0):
+  """Endless batches for ControlNet training, batch k drawn afresh from (seed, process_index, k), so resuming at
+  start_step costs nothing: "image" float32 in [-1, 1], "control" float32 [B, S, S, 1] in [0, 1], "caption" str,
+  "label" int32."""
+  step = start_step
+  while True:
+    examples = control_examples(batch_size, seed, (process_index, step), image_size, condition)
+    yield {"image": uint8_to_model_range(examples["image"]),
+           "control": examples["control"].astype(np.float32) / 255.0, "caption": examples["caption"],
+           "label": examples["label"].astype(np.int32)}
+    step += 1

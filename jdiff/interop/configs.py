@@ -107,6 +107,28 @@ def unet_config(raw: dict, dtype: str = "float32", where: str = "unet/config.jso
   return config
 
 
+CONTROLNET_FIELDS = ("conditioning_channels", "conditioning_embedding_out_channels",
+                     "controlnet_conditioning_channel_order", "global_pool_conditions")
+
+
+def controlnet_config(raw: dict, image_size: int, dtype: str = "float32",
+                      where: str = "controlnet/config.json") -> tuple[UNetConfig, int, tuple[int, ...]]:
+  """(the U-Net config its encoder copies, conditioning_channels, conditioning_embedding_out_channels) of a
+  diffusers ControlNetModel config, for its base's image_size (which a ControlNet's config does not hold)."""
+  fields = _Fields({k: v for k, v in raw.items() if k in CONTROLNET_FIELDS}, where)
+  fields.expect("controlnet_conditioning_channel_order", "rgb")
+  fields.expect("global_pool_conditions", False)
+  channels = fields.get("conditioning_channels", 3)
+  embedding = tuple(fields.get("conditioning_embedding_out_channels", (16, 32, 96, 256)))
+  fields.done()
+  unet = {k: v for k, v in raw.items() if k not in CONTROLNET_FIELDS}
+  down = unet.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
+  mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+  unet.update(_class_name="UNet2DConditionModel", up_block_types=[mirror.get(t, t) for t in reversed(down)],
+              out_channels=unet.get("in_channels", 4), sample_size=image_size)
+  return unet_config(unet, dtype, where), channels, embedding
+
+
 def _cross_attention_fields(fields: _Fields, levels: int) -> dict:
   """The UNet2DConditionModel fields of Stable Diffusion's text U-Net."""
   fields.expect("mid_block_type", "UNetMidBlock2DCrossAttn")

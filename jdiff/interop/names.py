@@ -115,6 +115,23 @@ def unet_module_name(levels: int, spatial: bool) -> Callable[[Path], str]:
   return name
 
 
+def controlnet_module_name(levels: int, spatial: bool) -> Callable[[Path], str]:
+  """jdiff ControlNet module paths -> diffusers ControlNetModel module names: the encoder's as the U-Net's."""
+  unet = unet_module_name(levels, spatial)
+
+  def name(module: Path) -> str:
+    top, rest = module[0], module[1:]
+    if top == "cond_embedding":
+      parts = [re.sub(r"^blocks_(\d+)$", r"blocks.\1", part) for part in rest]
+      return "controlnet_cond_embedding." + ".".join(parts)
+    if match := re.fullmatch(r"down_zero(\d+)", top):
+      return f"controlnet_down_blocks.{match.group(1)}"
+    if top == "mid_zero":
+      return "controlnet_mid_block"
+    return unet(module)
+  return name
+
+
 def vae_module_name(levels: int) -> Callable[[Path], str]:
   """jdiff AutoencoderKL module paths -> diffusers AutoencoderKL module names."""
   def name(module: Path) -> str:

@@ -128,7 +128,8 @@ def read_params(path: str, component: str, abstract, module_name: Callable, dtyp
   """The params tree shaped like `abstract`, each leaf read from the component's safetensors files, put in jdiff's
   layout and cast to `dtype` on the host one tensor at a time, then placed with `sharding`."""
   directory = os.path.join(path, component)
-  reader = weights.TensorReader(weights.weight_files(directory, WEIGHT_STEMS[component], variant))
+  reader = weights.TensorReader(weights.weight_files(directory, WEIGHT_STEMS.get(component, "diffusion_pytorch_model"),
+                                                    variant))
   flat = flax.traverse_util.flatten_dict(abstract)
   target = jnp.dtype(dtype)
   params, used = {}, set()

@@ -155,12 +155,12 @@ class TextToImageUNet(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, ids: jax.Array, *, train: bool = False) -> jax.Array:
-    """x [B,H,W,C], t float [B] or scalar, ids int token ids [B, L]."""
+  def __call__(self, x: jax.Array, t: jax.Array, ids: jax.Array, *, residuals=None, train: bool = False) -> jax.Array:
+    """x [B,H,W,C], t float [B] or scalar, ids int token ids [B, L]; residuals as UNet's."""
     context = TextEncoder(self.text, name="text_encoder")(ids)
     if not self.train_text:
       context = jax.lax.stop_gradient(context)
-    return UNet(self.config, remat=self.remat, name="unet")(x, t, context=context, train=train)
+    return UNet(self.config, remat=self.remat, name="unet")(x, t, context=context, residuals=residuals, train=train)
 
 
 # Loading CLIP text weights.

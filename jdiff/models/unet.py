@@ -132,9 +132,10 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None, *,
-               context: jax.Array | None = None, train: bool = False) -> jax.Array:
+               context: jax.Array | None = None, residuals=None, train: bool = False) -> jax.Array:
     """x [B,H,W,C], t float [B] or scalar, labels int [B] or None (all null; ignored when num_classes == 0),
-    context [B, M, context_dim] for a text-conditional U-Net (context_dim > 0)."""
+    context [B, M, context_dim] for a text-conditional U-Net (context_dim > 0), residuals (one per skip
+    connection, one for the middle block's output) added to them, as a ControlNet's (jdiff.models.controlnet)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     emb = self._embedding(jnp.broadcast_to(t, x.shape[:1]), labels)
@@ -169,6 +170,10 @@ class UNet(nn.Module):
     h = block(h.shape[-1], "mid_res0")(h, emb, train)
     h = attend(h, cfg.level_heads[-1], "mid_attn")
     h = block(h.shape[-1], "mid_res1")(h, emb, train)
+    if residuals is not None:
+      down, mid = residuals
+      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down, strict=True)]
+      h = h + mid.astype(h.dtype)
 
     for level, features, heads, attends in reversed(levels):
       for i in range(cfg.num_res_blocks + 1):

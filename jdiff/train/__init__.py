@@ -1,10 +1,12 @@
-"""Training: `train_and_evaluate(config, workdir)` trains the U-Net or, for a config with a `vae` section, the VAE,
-through the one loop of jdiff/train/loop.py. Inference never imports this package."""
+"""Training: `train_and_evaluate(config, workdir)` trains the U-Net, for a config with a `vae` section the VAE, for
+one with a `controlnet` section a ControlNet on a frozen base model, and for one with `finetune.base` a fine-tuning
+of that base (every weight, or LoRA adapters), through the one loop of jdiff/train/loop.py. Inference never imports
+this package."""
 from __future__ import annotations
 
 from jdiff import data  # noqa: F401  (before clu loads TensorFlow: jdiff/data/tf_import.py)
-from jdiff.config import is_vae_config, parse_config, parse_vae_config
-from jdiff.train import finetune, loop, unet, vae
+from jdiff.config import is_controlnet_config, is_vae_config, parse_config, parse_vae_config
+from jdiff.train import controlnet, finetune, loop, unet, vae
 from jdiff.train.loop import TrainResult
 
 __all__ = ["TrainResult", "train_and_evaluate"]
@@ -16,4 +18,6 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainResult:
   if is_vae_config(raw):
     return loop.run(vae.VAETrainer, parse_vae_config(raw), raw, workdir)
   config = parse_config(raw)
+  if is_controlnet_config(raw):
+    return loop.run(controlnet.ControlNetTrainer, config, raw, workdir)
   return loop.run(finetune.FinetuneTrainer if config.finetune.base else unet.UNetTrainer, config, raw, workdir)
