@@ -288,7 +288,14 @@ class Pipeline:
     mask: [H, W] or [N, H, W] (a trailing axis of 1 allowed), bool, uint8 (>= 128: regenerate) or float in [0, 1].
     strength < 1 starts the masked region from the image noised part-way, as img2img. resample_jumps,
     resample_rounds: RePaint's resampling, each segment of that many steps sampled again that many times.
-    Everything else as img2img."""
+    Everything else as img2img. A model trained for inpainting (config.conditioning.kind 'inpainting', or Stable
+    Diffusion's 9-channel U-Net) fills the mask itself: inpaint_model, from noise (strength 1, no resampling)."""
+    if self.config.conditioning.kind == "inpainting":
+      if strength != 1.0 or resample_jumps or resample_rounds:
+        raise ValueError(f"this model was trained for inpainting and regenerates the masked region from noise: drop "
+                         f"strength={strength}, resample_jumps={resample_jumps}, resample_rounds={resample_rounds}")
+      return self.inpaint_model(images, mask, prompt, label=label, seed=seed, latents=latents, batch_size=batch_size,
+                                progress=progress, **options)
     return self._edit(images, mask, prompt, label, strength=strength, seed=seed, latents=latents,
                       batch_size=batch_size, progress=progress, options=options, resample_jumps=resample_jumps,
                       resample_rounds=resample_rounds)

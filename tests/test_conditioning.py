@@ -258,3 +258,7 @@ def test_inpainting_model_trains_through_the_loop_and_inpaints(tmp_path):
   real = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 1)).astype(np.uint8)
   samples = pipe.inpaint_model(real, conditioning.half_mask("left", 16, 16)[..., 0], label=[1, 2, 3], steps=2)
   assert samples.images.shape == (3, 16, 16, 1) and samples.labels.tolist() == [1, 2, 3]
+  again = pipe.inpaint(real, conditioning.half_mask("left", 16, 16)[..., 0], label=[1, 2, 3], steps=2)
+  np.testing.assert_array_equal(again.images, samples.images)  # inpaint hands an inpainting model to inpaint_model
+  with pytest.raises(ValueError, match="trained for inpainting"):
+    pipe.inpaint(real, conditioning.half_mask("left", 16, 16)[..., 0], label=[1, 2, 3], steps=2, strength=0.5)
