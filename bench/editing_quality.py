@@ -1,8 +1,8 @@
 """Editing quality on held-out images: inpainting and img2img with the class-conditional digits model, outpainting
 with the shapes text-to-image model. Prints Markdown tables and writes before/after grids.
 
-  python bench/editing_quality.py --digits /work/runs13/default --num 100 --steps 20 --rounds 2 --jumps 5 --grids docs
-  python bench/editing_quality.py --shapes /work/runs13/shapes --num 100 --steps 20 --grids docs
+  python bench/editing_quality.py --digits runs/default --num 100 --steps 20 --rounds 2 --jumps 5 --grids docs
+  python bench/editing_quality.py --shapes runs/shapes --num 100 --steps 20 --grids docs
 
 Inpainting: the held-out (test split) digits with the left, right, top or bottom half masked, or a random box (6 to
 10 pixels a side at 16x16), completed class-conditionally with the true label (the config's guidance) and

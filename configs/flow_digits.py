@@ -1,8 +1,9 @@
 """The default digits model (configs/default.py) trained by flow matching (rectified flow, as Stable Diffusion 3 and
 Flux): the same U-Net, data, optimizer and budget of 1,000 steps, predicting the velocity eps - x0 of
 x_s = (1 - s) x0 + s eps with s drawn from SD3's logit-normal density (mean 0, std 1) and no shift (the images
-are 16x16; SD3 shifts by 3 at 1024x1024). It samples by diffusers' FlowMatchEuler step over that scheduler's
-levels (sampler 'flow_euler', spacing 'flow'); every other sampler runs on it too. docs/flow_matching.md compares
+are 16x16; SD3 shifts by 3 at 1024x1024). It samples by diffusers' FlowMatchEuler step over Flux's levels
+linspace(1, 1 / n, n) (sampler 'flow_euler', spacing 'trailing'; spacing 'flow' gives FlowMatchEuler's own, whose
+last step is nearly idle); every other sampler runs on it too. docs/flow_matching.md compares
 it with the v-prediction default.
 
   python train.py --config configs/flow_digits.py --workdir runs/flow_digits
@@ -30,7 +31,7 @@ def get_config():
       ema_decay=0.999, ema_warmup=True, log_every=100, checkpoint_every=500, keep_checkpoints=3,
       sample_every=500, nonfinite="stop", grad_accum_steps=1, remat=False)
 
-  config.sampling = dict(sampler="flow_euler", steps=20, spacing="flow",
+  config.sampling = dict(sampler="flow_euler", steps=20, spacing="trailing",
                          guidance_scale=3.0, eta=0.0, num_samples=100)
   config.parallel = dict(fsdp=1, distributed="auto", coordinator_address=ml_collections.config_dict.placeholder(str),
                          num_processes=ml_collections.config_dict.placeholder(int),
