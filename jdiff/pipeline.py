@@ -458,6 +458,9 @@ def _load_workdir(workdir: str, step: int | None, ema: bool) -> Pipeline:
       raise ConfigError(f"work dir {workdir!r} holds a VAE, not a diffusion model: sample from a latent diffusion "
                         "work dir that uses it, or measure it with bench/vae_psnr.py")
     config = parse_config(raw)
+    if config.distill.enabled:  # a distilled student samples the steps it was distilled for
+      config = dataclasses.replace(config, sampling=dataclasses.replace(
+          config.sampling, steps=config.distill.student_steps(s)))
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                                       build.abstract_params(config))
     params = checkpoint.restore_params(manager, s, abstract, "ema_params" if ema else "params")

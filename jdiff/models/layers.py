@@ -90,14 +90,18 @@ def dense(features: int, dtype, name: str | None = None, zero: bool = False) -> 
 
 
 class TimeEmbedding(nn.Module):
-  """Sinusoid of width `channels`, then Dense(4*channels), SiLU, Dense(4*channels); fp32 (it is tiny)."""
+  """Sinusoid of width `channels` (plus a projection of `cond` if given), then Dense(4*channels), SiLU,
+  Dense(4*channels); fp32 (it is tiny)."""
   channels: int
   flip_sin_to_cos: bool = False
   freq_shift: float = 1.0
 
   @nn.compact
-  def __call__(self, t: jax.Array) -> jax.Array:
+  def __call__(self, t: jax.Array, cond: jax.Array | None = None) -> jax.Array:
     emb = timestep_embedding(t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+    if cond is not None:  # a condition on the timestep (a guidance scale's embedding), zero at initialisation
+      emb = emb + nn.Dense(self.channels, use_bias=False, kernel_init=zero_init, name="cond_proj")(
+          cond.astype(jnp.float32))
     emb = nn.silu(dense(4 * self.channels, jnp.float32, name="dense0")(emb))
     return dense(4 * self.channels, jnp.float32, name="dense1")(emb)
 

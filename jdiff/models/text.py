@@ -155,12 +155,14 @@ class TextToImageUNet(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, ids: jax.Array, *, train: bool = False) -> jax.Array:
-    """x [B,H,W,C], t float [B] or scalar, ids int token ids [B, L]."""
+  def __call__(self, x: jax.Array, t: jax.Array, ids: jax.Array, *, train: bool = False,
+               timestep_cond: jax.Array | None = None) -> jax.Array:
+    """x [B,H,W,C], t float [B] or scalar, ids int token ids [B, L], timestep_cond as the U-Net's."""
     context = TextEncoder(self.text, name="text_encoder")(ids)
     if not self.train_text:
       context = jax.lax.stop_gradient(context)
-    return UNet(self.config, remat=self.remat, name="unet")(x, t, context=context, train=train)
+    return UNet(self.config, remat=self.remat, name="unet")(x, t, context=context, train=train,
+                                                           timestep_cond=timestep_cond)
 
 
 # Loading CLIP text weights.

@@ -15,4 +15,7 @@ def train_and_evaluate(raw_config, workdir: str) -> TrainResult:
   raw = raw_config.to_dict() if hasattr(raw_config, "to_dict") else dict(raw_config)
   if is_vae_config(raw):
     return loop.run(vae.VAETrainer, parse_vae_config(raw), raw, workdir)
+  if "distill" in raw:
+    from jdiff.train import distill
+    return distill.train(raw, workdir)
   return loop.run(unet.UNetTrainer, parse_config(raw), raw, workdir)
