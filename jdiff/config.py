@@ -274,8 +274,9 @@ class DistillConfig:
     scale (the student samples without guidance, one evaluation per step).
   method 'lcm' (latent consistency distillation, Luo et al., 2023): the consistency student is trained against a
     DDIM solver of the teacher skipping skip_steps timesteps, with guidance scales drawn from [w_min, w_max] and fed
-    to the student as an embedding; Huber loss with huber_c; target network EMA target_decay; timestep_scaling in
-    the boundary conditions. `steps` is then the default number of sampling steps.
+    to the student as an embedding of width guidance_embed_dim; pseudo-Huber loss with huber_c; target network
+    the EMA of decay target_decay; timestep_scaling in the boundary condition. `steps` is then the default number
+    of sampling steps (sampler 'lcm'), training.num_steps the training's.
   """
   teacher: str | None = None
   method: str = "progressive"
@@ -290,13 +291,14 @@ class DistillConfig:
   huber_c: float = 0.001
   target_decay: float = 0.95
   timestep_scaling: float = 10.0
+  guidance_embed_dim: int = 64
 
   def __post_init__(self):
     _check(self.teacher is None or _is_nonempty_str(self.teacher), "teacher", self.teacher,
            "None or the teacher's work dir")
     _check_choice("method", self.method, DISTILL_METHODS)
     _check_choice("weighting", self.weighting, DISTILL_WEIGHTINGS)
-    for name in ("teacher_steps", "steps", "steps_per_round", "skip_steps"):
+    for name in ("teacher_steps", "steps", "steps_per_round", "skip_steps", "guidance_embed_dim"):
       _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
     if self.method == "progressive":
       ratio = self.teacher_steps // self.steps

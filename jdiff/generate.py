@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import samplers, sharding
+from jdiff.models.layers import guidance_embedding
 from jdiff.models.text import TextEncoder, TextToImageUNet
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule
@@ -27,10 +28,15 @@ def _sample_unet(params, schedule: Schedule, noise, keys, labels, uncond, guidan
                  model: UNet, prediction: str, sampler: str, steps: int, spacing: str, guided: bool,
                  clip_x0: bool):
   model_fn = unet_model_fn(model, params)
+  extra = {}
+  if model.config.time_cond_proj_dim:  # a consistency model distilled with guidance takes its scale as an input
+    extra["timestep_cond"] = jnp.broadcast_to(guidance_embedding(guidance_scale[None], model.config.time_cond_proj_dim),
+                                              (noise.shape[0], model.config.time_cond_proj_dim))
+    model_fn = lambda x, t, cond: model.apply({"params": params}, x, t, cond, **extra)
   if isinstance(model, TextToImageUNet):  # the prompts' hidden states once, not at every step
     labels, uncond = text_context(model, params, labels), text_context(model, params, jnp.atleast_2d(uncond))
     unet = UNet(model.config, remat=model.remat)
-    model_fn = lambda x, t, context: unet.apply({"params": params["unet"]}, x, t, context=context)
+    model_fn = lambda x, t, context: unet.apply({"params": params["unet"]}, x, t, context=context, **extra)
   if guided:
     model_fn = samplers.guided_model_fn(model_fn, guidance_scale=guidance_scale, uncond=uncond,
                                         guidance_rescale=guidance_rescale)
@@ -77,8 +83,8 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
     return _sample_unet(params, schedule, noise, keys, jnp.asarray(labels, jnp.int32),
                         jnp.asarray(negative_labels, jnp.int32), jnp.float32(guidance_scale),
                         jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
-                        sampler=sampler, steps=steps, spacing=spacing, guided=guidance_scale != 1.0,
-                        clip_x0=clip_x0)
+                        sampler=sampler, steps=steps, spacing=spacing,
+                        guided=guidance_scale != 1.0 and not model.config.time_cond_proj_dim, clip_x0=clip_x0)
   num_classes = model.config.num_classes
   if num_classes:
     null = jnp.full((noise.shape[0],), num_classes, jnp.int32)
@@ -86,7 +92,8 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
     uncond = null if negative_labels is None else jnp.asarray(negative_labels, jnp.int32)
   else:
     labels = uncond = None
-  guided = bool(num_classes) and (guidance_scale != 1.0 or negative_labels is not None)
+  guided = (bool(num_classes) and (guidance_scale != 1.0 or negative_labels is not None)
+            and not model.config.time_cond_proj_dim)
   return _sample_unet(params, schedule, noise, keys, labels, uncond, jnp.float32(guidance_scale),
                       jnp.float32(guidance_rescale), jnp.float32(eta), model=model, prediction=prediction,
                       sampler=sampler, steps=steps, spacing=spacing, guided=guided, clip_x0=clip_x0)

@@ -285,6 +285,8 @@ class Pipeline:
     sampler, spacing = sampler or sc.sampler, spacing or sc.spacing
     steps = sc.steps if steps is None else steps
     self._check_sampler(sampler, steps, spacing)
+    if sampler == "lcm" and isinstance(spacing, str):
+      spacing = self._lcm_spacing()
     if not 0.0 <= guidance_rescale <= 1.0:
       raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1]")
     eta = sc.eta if eta is None else eta
@@ -300,6 +302,15 @@ class Pipeline:
                 guidance_scale=self._check_guidance(sc.guidance_scale if guidance_scale is None else guidance_scale),
                 negative_label=negative, eta=eta, schedule=schedule,
                 clip_x0=self.config.clip_x0 if clip_x0 is None else bool(clip_x0))
+
+  def _lcm_spacing(self) -> samplers.LCMSpacing:
+    """The 'lcm' sampler's timesteps and boundary condition: those a consistency-distilled model was trained with
+    (config.distill), else LCMScheduler's defaults."""
+    dc = self.config.distill
+    if dc.enabled and dc.method == "lcm":
+      return samplers.LCMSpacing(original_steps=self.config.diffusion.num_timesteps // dc.skip_steps,
+                                 timestep_scaling=dc.timestep_scaling)
+    return samplers.LCMSpacing()
 
   def _scheduler_options(self, sampler: str | None) -> tuple[Schedule, dict]:
     """The schedule and sampler options of the directory's scheduler config, read as `sampler`'s class (None: its

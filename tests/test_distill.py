@@ -2,6 +2,9 @@
 of training on the tiny model."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +84,16 @@ def _stand_in_model(x_t, t, cond):
   return 0.6 * x_t + 0.3 * jnp.sin(t.reshape(-1, 1, 1, 1) / 150.0 + channel)
 
 
-@pytest.mark.parametrize("case", ["cosine_v", "linear_eps_clip"])
-def test_lcm_sampler_matches_diffusers_lcm_scheduler(case):
+# Two cases in the fast tier, the other step counts in the slow one (each step count compiles its loop).
+LCM_CASES = [("cosine_v", 4), ("linear_eps_clip", 2)] + [
+    pytest.param(case, steps, marks=pytest.mark.slow)
+    for case, steps in [("cosine_v", 1), ("cosine_v", 2), ("cosine_v", 8), ("linear_eps_clip", 1),
+                        ("linear_eps_clip", 4), ("linear_eps_clip", 8)]]
+
+
+@pytest.mark.parametrize("case,steps", LCM_CASES)
+def test_lcm_sampler_matches_diffusers_lcm_scheduler(case, steps):
+  """Same timesteps, and the same samples from the same initial sample, model outputs and injected noise."""
   with open(os.path.join(LCM_FIXTURES, "cases.json")) as f:
     meta = json.load(f)
   config = meta["cases"][case]
@@ -92,19 +103,123 @@ def test_lcm_sampler_matches_diffusers_lcm_scheduler(case):
                                 timestep_scaling=config["timestep_scaling"])
   denoise = samplers._denoiser(_stand_in_model, None, prediction=PREDICTIONS[config["prediction_type"]],
                                clip_x0=config["clip_sample"])
-  for steps in meta["steps"]:
-    ref = {key: refs[f"{case}/{steps}/{key}"] for key in ("timesteps", "sample", "noises", "final")}
-    levels = spacing.levels(schedule, steps)
-    np.testing.assert_array_equal(levels.ts, ref["timesteps"])
-    np.testing.assert_array_equal(samplers.lcm_timesteps(num_timesteps=1000, steps=steps,
-                                                         original_steps=spacing.original_steps), ref["timesteps"])
-    x = jnp.asarray(ref["sample"]) * levels.init_scale
-    out = samplers.lcm(denoise, x, samplers._steps(schedule, levels), noise=lambda i: jnp.asarray(ref["noises"])[i],
-                       consistency=spacing) * levels.final_scale
-    np.testing.assert_allclose(out, ref["final"], atol=1e-5, rtol=1e-5)
+  ref = {key: refs[f"{case}/{steps}/{key}"] for key in ("timesteps", "sample", "noises", "final")}
+  levels = spacing.levels(schedule, steps)
+  np.testing.assert_array_equal(levels.ts, ref["timesteps"])
+  x = jnp.asarray(ref["sample"]) * levels.init_scale
+  out = samplers.lcm(denoise, x, samplers._steps(schedule, levels), noise=lambda i: jnp.asarray(ref["noises"])[i],
+                     consistency=spacing) * levels.final_scale
+  np.testing.assert_allclose(out, ref["final"], atol=1e-5, rtol=1e-5)
+
+
+def test_lcm_timesteps_match_diffusers_for_every_step_count():
+  with open(os.path.join(LCM_FIXTURES, "cases.json")) as f:
+    meta = json.load(f)
+  refs = np.load(os.path.join(LCM_FIXTURES, "references.npz"))
+  for case, config in meta["cases"].items():
+    for steps in meta["steps"]:
+      np.testing.assert_array_equal(
+          samplers.lcm_timesteps(num_timesteps=1000, steps=steps, original_steps=config["original_inference_steps"]),
+          refs[f"{case}/{steps}/timesteps"])
 
 
 def test_consistency_scalings_boundary_condition():
   c_skip, c_out = samplers.consistency_scalings(jnp.array([0.0, 1.0, 999.0]), 10.0)
   np.testing.assert_allclose(c_skip, [1.0, 0.25 / 100.25, 0.25 / (9990.0**2 + 0.25)], rtol=1e-6)
   np.testing.assert_allclose(c_out, [0.0, 10.0 / np.sqrt(100.25), 9990.0 / np.sqrt(9990.0**2 + 0.25)], rtol=1e-6)
+
+
+# Training (slow tier): a tiny progressive distillation, two rounds of one step, on the tiny trained model.
+
+def _distill_config(teacher: str, **distill):
+  from jdiff.configs import distill_digits
+  raw = distill_digits.get_config()
+  raw.distill.update(teacher=teacher, **distill)
+  raw.training.update(batch_size=8, log_every=1)
+  raw.sampling.update(num_samples=4)
+  return raw
+
+
+@pytest.mark.slow
+def test_tiny_progressive_rounds_hand_over_and_record_their_steps(tiny_workdir, tmp_path):
+  import jdiff
+  from jdiff import checkpoint
+  from jdiff.train import train_and_evaluate
+  raw = _distill_config(tiny_workdir, teacher_steps=4, steps=1, steps_per_round=1, guidance_scale=2.0)
+  workdir = str(tmp_path / "distill")
+  result = train_and_evaluate(raw, workdir)
+  assert int(result.state.step) == 2
+  assert sorted(checkpoint.make_manager(workdir, create=False).all_steps()) == [1, 2]
+  first, last = jdiff.load(workdir, step=1), jdiff.load(workdir)
+  assert (first.config.sampling.steps, last.config.sampling.steps) == (2, 1)  # 4 -> 2, then 2 -> 1
+  assert (last.config.sampling.sampler, last.config.sampling.guidance_scale) == ("ddim", 1.0)
+  assert last.config.distill.teacher == os.path.abspath(tiny_workdir)
+  assert last.config.model == jdiff.load(tiny_workdir).config.model
+  # Round 2's teacher is round 1's student (its EMA params), and training moved the student on from it.
+  for a, b in zip(jax.tree_util.tree_leaves(result.state.teacher), jax.tree_util.tree_leaves(first.params)):
+    np.testing.assert_array_equal(a, b)
+  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(result.state.params),
+                                                          jax.tree_util.tree_leaves(first.params))]
+  assert max(moved) > 0
+
+
+# Real processes and LCM training: the slow tier.
+
+def _run(program, *args):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, os.path.join(root, program), *map(str, args)], capture_output=True,
+                        text=True, cwd=root, timeout=600)
+
+
+@pytest.mark.slow
+def test_distillation_cli_resumes_in_its_round_and_sample_uses_the_distilled_steps(tiny_workdir, tmp_path):
+  """Three rounds of two steps from the command line; with the last round's checkpoint removed, the same command
+  resumes at the start of round 3 and ends at the same params; sample.py samples 1 step of DDIM by default."""
+  import jdiff
+  workdir = tmp_path / "distill"
+  command = ["train.py", "--config", "configs/distill_digits.py", "--workdir", workdir,
+             f"--config.distill.teacher={tiny_workdir}", "--config.distill.teacher_steps=8",
+             "--config.distill.steps_per_round=2", "--config.training.batch_size=8", "--config.sampling.num_samples=4"]
+  trained = _run(*command)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["2", "4", "6"]
+  first = jdiff.load(str(workdir)).params
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  resumed = _run(*command)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming from checkpoint at step 4" in resumed.stderr
+  for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(jdiff.load(str(workdir)).params)):
+    np.testing.assert_array_equal(a, b)
+  sampled = _run("sample.py", "--workdir", workdir, "--num", 4, "--out", tmp_path / "grid.png")
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  missing = _run("train.py", "--config", "configs/distill_digits.py", "--workdir", tmp_path / "other")
+  assert missing.returncode != 0 and "config.distill.teacher is not set" in missing.stderr
+  assert not os.path.exists(tmp_path / "other" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_lcm_distillation_of_the_tiny_text_model(text_workdir, tmp_path):
+  """Consistency distillation runs on a text model; the student takes the guidance scale as an input (no second
+  evaluation) and samples with 'lcm' at 1 and 4 steps; at step 0 it is the teacher (the new projection is zero)."""
+  import jdiff
+  from jdiff.configs import lcm_shapes
+  from jdiff.train import lcm, train_and_evaluate
+  raw = lcm_shapes.get_config()
+  raw.distill.update(teacher=text_workdir, guidance_embed_dim=8)
+  raw.training.update(batch_size=8, num_steps=2, checkpoint_every=2, log_every=1)
+  raw.sampling.update(num_samples=4)
+  workdir = str(tmp_path / "lcm")
+  result = train_and_evaluate(raw, workdir)
+  student, teacher = jdiff.load(workdir), jdiff.load(text_workdir)
+  assert (student.config.sampling.sampler, student.config.sampling.steps) == ("lcm", 4)
+  assert student.config.model.time_cond_proj_dim == 8 and not student.config.text.trainable
+  assert student.config.sampling.guidance_scale == teacher.config.sampling.guidance_scale
+  for steps in (1, 4):
+    images = student.generate("a red circle", num=2, steps=steps).images
+    assert images.shape == (2, *teacher.image_shape)
+  assert float(jnp.max(jnp.abs(result.state.params["unet"]["time_embed"]["cond_proj"]["kernel"]))) > 0
+  # The consistency function is the identity at t = 0 whatever the model says: c_skip 1, c_out 0.
+  z = jax.random.normal(jax.random.key(0), (2, *teacher.noise_shape))
+  f = lcm.consistency_fn(lambda z, t: 5.0 * z + 1.0, z, jnp.zeros(2, jnp.int32), student.schedule,
+                         prediction="v", timestep_scaling=10.0)
+  np.testing.assert_allclose(f, z, atol=1e-6)

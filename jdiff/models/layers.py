@@ -34,6 +34,13 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *, f
   return jnp.pad(jnp.concatenate(waves, axis=-1), ((0, 0), (0, dim - 2 * half)))
 
 
+def guidance_embedding(guidance_scale: jax.Array, dim: int) -> jax.Array:
+  """The embedding [B, dim] of classifier-free guidance scales [B] that a latent consistency model takes as its
+  timestep_cond: the sinusoid of 1000 w, w = guidance_scale - 1 being the weight of pred = cond + w (cond - uncond),
+  as diffusers' LatentConsistencyModelPipeline embeds it."""
+  return timestep_embedding(1000.0 * (jnp.asarray(guidance_scale, jnp.float32) - 1.0), dim)
+
+
 class GroupNorm(nn.Module):
   """nn.GroupNorm's parameters and maths (eps 1e-6, variance as E[x^2] - E[x]^2), computed from per-channel moments.
 

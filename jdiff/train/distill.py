@@ -225,9 +225,11 @@ def train(raw: dict, workdir: str) -> loop.TrainResult:
     teacher = jdiff.load(teacher_dir)
   except (OSError, ValueError) as e:
     raise ConfigError(f"config.distill.teacher={teacher_dir!r} cannot be loaded: {e}") from None
-  raw = student_config(raw, teacher.config)
-  config = parse_config(raw)
-  if config.distill.method != "progressive":
-    raise ConfigError(f"config.distill.method={config.distill.method!r} is trained by jdiff/train/lcm.py")
-  factory = functools.partial(DistillTrainer, teacher_params=teacher.params)
-  return loop.run(factory, config, raw, workdir)
+  if parse_config(raw).distill.method == "lcm":
+    from jdiff.train import lcm
+    raw = lcm.student_config(raw, teacher.config)
+    factory = functools.partial(lcm.LCMTrainer, teacher_params=teacher.params, teacher_config=teacher.config)
+  else:
+    raw = student_config(raw, teacher.config)
+    factory = functools.partial(DistillTrainer, teacher_params=teacher.params)
+  return loop.run(factory, parse_config(raw), raw, workdir)
