@@ -90,6 +90,7 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--steps", default="1,2,4", help="a consistency model's sampling steps")
   parser.add_argument("--teacher_steps", default="20", help="extra teacher rows (DDIM) at these steps")
+  parser.add_argument("--rounds", default=None, help="progressive distillation: only these rounds (e.g. 1,2,3)")
   parser.add_argument("--num", type=int, default=500)
   parser.add_argument("--seed", type=int, default=1000)
   parser.add_argument("--batch", type=int, default=250)
@@ -111,7 +112,8 @@ def main():
   if dc.method == "progressive":
     durations = round_seconds(args.workdir, dc.steps_per_round, dc.rounds)
     manager = checkpoint.make_manager(args.workdir, create=False)
-    for r in range(dc.rounds):
+    wanted = range(dc.rounds) if args.rounds is None else [int(r) - 1 for r in args.rounds.split(",")]
+    for r in wanted:
       step = (r + 1) * dc.steps_per_round
       if step not in manager.all_steps():
         continue
