@@ -112,7 +112,7 @@ def main():
   if dc.method == "progressive":
     durations = round_seconds(args.workdir, dc.steps_per_round, dc.rounds)
     manager = checkpoint.make_manager(args.workdir, create=False)
-    wanted = range(dc.rounds) if args.rounds is None else [int(r) - 1 for r in args.rounds.split(",")]
+    wanted = range(dc.rounds) if args.rounds is None else [int(r) - 1 for r in args.rounds.split(",") if r]
     for r in wanted:
       step = (r + 1) * dc.steps_per_round
       if step not in manager.all_steps():
@@ -126,7 +126,7 @@ def main():
     for n in map(int, args.steps.split(",")):
       rows.append(("student", student, dict(sampler="lcm", steps=n), n,
                    f"{student.step} steps" if n == int(args.steps.split(",")[0]) else ""))
-  for n in map(int, args.teacher_steps.split(",")):
+  for n in [int(n) for n in args.teacher_steps.split(",") if n]:
     rows.append(("teacher", teacher, dict(sampler="ddim", steps=n, guidance_scale=guidance), 2 * n, "-"))
   for name, pipe, options, evaluations, trained in rows:
     value, fd, seconds = score(pipe, **options)

@@ -24,7 +24,7 @@ from jdiff.build import make_model
 from jdiff.config import Config, parse_config
 from jdiff.models.layers import guidance_embedding
 from jdiff.schedules import Schedule
-from jdiff.train.distill import TEACHER_SECTIONS, DistillState, DistillTrainer, _plain
+from jdiff.train.distill import TEACHER_SECTIONS, DistillState, DistillTrainer, _null_condition, _plain
 from jdiff.train.state import apply_gradients, fresh_state
 
 
@@ -62,12 +62,6 @@ def _apply(config: Config, teacher_config: Config, cond, w_emb):
   return student_fn, teacher_fn
 
 
-def _null(cond, config: Config):
-  if config.model.context_dim:
-    return jnp.asarray(config.text.tokenizer().encode("")[0])
-  return jnp.full(cond.shape, config.model.num_classes, jnp.int32)
-
-
 def lcm_loss(params, target, teacher, batch: dict, rng: jax.Array, schedule: Schedule, *, config: Config,
              teacher_config: Config):
   dc, prediction = config.distill, config.diffusion.prediction
@@ -83,7 +77,7 @@ def lcm_loss(params, target, teacher, batch: dict, rng: jax.Array, schedule: Sch
   z = diffusion.q_sample(schedule, x0, t, jax.random.normal(k_noise, x0.shape, jnp.float32))
   f = functools.partial(consistency_fn, schedule=schedule, prediction=prediction,
                         timestep_scaling=dc.timestep_scaling)
-  guided = samplers.guided_model_fn(teacher_fn(teacher), guidance_scale=w, uncond=_null(cond, config))
+  guided = samplers.guided_model_fn(teacher_fn(teacher), guidance_scale=w, uncond=_null_condition(cond, config))
   z_prev = teacher_ddim_step(lambda z, t: guided(z, t, cond), z, t, t_prev, schedule, prediction=prediction)
   target_f = jax.lax.stop_gradient(f(student_fn(target), z_prev, t_prev))
   return jnp.mean(pseudo_huber(f(student_fn(params), z, t), target_f, dc.huber_c))
@@ -106,7 +100,6 @@ class LCMTrainer(DistillTrainer):
   def __init__(self, config: Config, raw: dict, workdir: str, mesh, start_step: int, *, teacher_params,
                teacher_config: Config):
     super().__init__(config, raw, workdir, mesh, start_step, teacher_params=teacher_params)
-    self.resume_sections = ("model", "diffusion", "distill")
     self.step = functools.partial(lcm_step, config=self.config, teacher_config=teacher_config)
 
   def _init_state(self, rng: jax.Array) -> DistillState:
