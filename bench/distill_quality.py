@@ -57,8 +57,8 @@ class Scorer:
     samples = pipe.generate(num=self.num, seed=self.seed, batch_size=self.batch, **condition, **options)
     seconds = (time.perf_counter() - start) / self.num
     if self.text:
-      colour, kind = adherence.detect(samples.images)
-      score = float(np.mean((colour == self.colours) & (kind == self.kinds)))
+      found = adherence.detect(samples.images)
+      score = float(np.mean((found.colour == self.colours) & (found.shape == self.kinds)))
     else:
       score = digits.digit_accuracy(samples.images, samples.labels, self.classifier)
     fd = quality.distances(self.network(samples.images), self.reference, self.network.space, kid=False)["fd"]
