@@ -27,7 +27,8 @@ def init_params(model: UNet | TextToImageUNet, rng: jax.Array):
   labels = jnp.zeros((1,), jnp.int32) if mc.num_classes else None
   if isinstance(model, TextToImageUNet):
     labels = jnp.zeros((1, model.text.max_length), jnp.int32)
-  return model.init({"params": rng}, x, jnp.zeros((1,), jnp.float32), labels)["params"]
+  cond = {"timestep_cond": jnp.zeros((1, mc.time_cond_proj_dim), jnp.float32)} if mc.time_cond_proj_dim else {}
+  return model.init({"params": rng}, x, jnp.zeros((1,), jnp.float32), labels, **cond)["params"]
 
 
 def abstract_params(config: Config):

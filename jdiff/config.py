@@ -304,6 +304,77 @@ class LatentConfig:
 LATENT_ENCODINGS = ("sample", "mean")
 
 
+DISTILL_METHODS = ("progressive", "lcm")
+DISTILL_WEIGHTINGS = ("snr+1", "truncated_snr")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Few-step generation by distillation of a trained teacher (docs/distillation.md); teacher None = no distillation.
+
+  teacher: the teacher's work dir (or diffusers directory), read with jdiff.load; the student takes its model,
+    diffusion, data, text and latent sections and starts from its EMA params.
+  method 'progressive' (Salimans & Ho, 2022): round r trains the student to match two DDIM steps of the round's
+    teacher in one, the student of round r teaching round r + 1; the first round's teacher samples teacher_steps
+    steps, each round halves them, down to steps. Rounds of steps_per_round training steps; `weighting` of the
+    x0 error: 'snr+1' (the v-prediction loss) or 'truncated_snr' (max(SNR, 1)).
+  guidance_scale: the first teacher's classifier-free guidance scale, distilled into the student at that fixed
+    scale (the student samples without guidance, one evaluation per step).
+  method 'lcm' (latent consistency distillation, Luo et al., 2023): the consistency student is trained against a
+    DDIM solver of the teacher skipping skip_steps timesteps, with guidance scales drawn from [w_min, w_max] and fed
+    to the student as an embedding of width guidance_embed_dim; pseudo-Huber loss with huber_c; target network
+    the EMA of decay target_decay; timestep_scaling in the boundary condition. `steps` is then the default number
+    of sampling steps (sampler 'lcm'), training.num_steps the training's.
+  """
+  teacher: str | None = None
+  method: str = "progressive"
+  teacher_steps: int = 64
+  steps: int = 4
+  steps_per_round: int = 300
+  weighting: str = "snr+1"
+  guidance_scale: float = 1.0
+  skip_steps: int = 20
+  w_min: float = 1.0
+  w_max: float = 8.0
+  huber_c: float = 0.001
+  target_decay: float = 0.95
+  timestep_scaling: float = 10.0
+  guidance_embed_dim: int = 64
+
+  def __post_init__(self):
+    _check(self.teacher is None or _is_nonempty_str(self.teacher), "teacher", self.teacher,
+           "None or the teacher's work dir")
+    _check_choice("method", self.method, DISTILL_METHODS)
+    _check_choice("weighting", self.weighting, DISTILL_WEIGHTINGS)
+    for name in ("teacher_steps", "steps", "steps_per_round", "skip_steps", "guidance_embed_dim"):
+      _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+    if self.method == "progressive":
+      ratio = self.teacher_steps // self.steps
+      _check(self.teacher_steps % self.steps == 0 and ratio >= 2 and ratio & (ratio - 1) == 0, "steps", self.steps,
+             f"teacher_steps={self.teacher_steps} divided by a power of two >= 2 (each round halves the steps)")
+    _check(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, ">= 0 (1 = no guidance)")
+    _check(0 <= self.w_min <= self.w_max, "w_max", self.w_max, f">= w_min={self.w_min} >= 0")
+    _check(self.huber_c > 0, "huber_c", self.huber_c, "> 0")
+    _check(0 <= self.target_decay < 1, "target_decay", self.target_decay, "in [0, 1)")
+    _check(self.timestep_scaling > 0, "timestep_scaling", self.timestep_scaling, "> 0")
+
+  @property
+  def enabled(self) -> bool:
+    return self.teacher is not None
+
+  @property
+  def rounds(self) -> int:
+    """Progressive distillation's rounds: how many times teacher_steps halves to reach steps."""
+    return (self.teacher_steps // self.steps).bit_length() - 1
+
+  def student_steps(self, step: int) -> int:
+    """The sampling steps a checkpoint at training step `step` was distilled for (its round's student's)."""
+    if self.method != "progressive":
+      return self.steps
+    finished = min(max(step - 1, 0) // self.steps_per_round, self.rounds - 1)
+    return self.teacher_steps // 2 ** (finished + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class ConditioningConfig:
   """Images the U-Net is conditioned on through extra input channels (jdiff/conditioning.py).
@@ -448,6 +519,7 @@ class Config:
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   dreambooth: DreamBoothConfig = dataclasses.field(default_factory=DreamBoothConfig)
   controlnet: ControlNetConfig = dataclasses.field(default_factory=ControlNetConfig)
+  distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
   @property
   def clip_x0(self) -> bool:
@@ -460,7 +532,7 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig,
             "training": TrainingConfig, "sampling": SamplingConfig, "parallel": ParallelConfig, "text": TextConfig,
             "latent": LatentConfig, "conditioning": ConditioningConfig, "finetune": FinetuneConfig, "lora": LoraConfig,
-            "dreambooth": DreamBoothConfig, "controlnet": ControlNetConfig}
+            "dreambooth": DreamBoothConfig, "controlnet": ControlNetConfig, "distill": DistillConfig}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -571,7 +643,8 @@ def _check_finetune(config: Config) -> None:
 def _check_consistency(config: Config) -> None:
   _check_finetune(config)
   # A latent U-Net's size is checked against the VAE's latents when training starts.
-  if not config.latent.enabled and config.model.image_size != config.data.image_size:
+  # A distillation config's model sections are its teacher's, read when training starts.
+  if not config.latent.enabled and not config.distill.enabled and config.model.image_size != config.data.image_size:
     raise ConfigError(f"config.model.image_size ({config.model.image_size}) must equal config.data.image_size "
                       f"({config.data.image_size}): the U-Net is built for the images the data pipeline yields")
   _check_conditioning(config)

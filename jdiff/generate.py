@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from jdiff import editing, samplers, sharding
 from jdiff.models.controlnet import ControlNet
+from jdiff.models.layers import guidance_embedding
 from jdiff.models.text import TextEncoder, TextToImageUNet
 from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule
@@ -55,11 +56,17 @@ def _conditioned(model, params, labels, uncond, guidance_scale, guidance_rescale
                  control=(None, None, None, None)):
   """(model_fn, cond): the U-Net as the samplers call it, steered by a ControlNet if `control` (controlnet, its
   params, control images, scale) names one, guided if asked, and the condition it takes."""
-  model_fn = unet_model_fn(model, params)
+  timestep_cond = lambda x: {}
+  if model.config.time_cond_proj_dim:  # a consistency model distilled with guidance takes its scale as an input
+    dim = model.config.time_cond_proj_dim
+    embedding = guidance_embedding(guidance_scale[None], dim)
+    timestep_cond = lambda x: {"timestep_cond": jnp.broadcast_to(embedding, (x.shape[0], dim))}
+  model_fn = lambda x, t, cond: model.apply({"params": params}, x, t, cond, **timestep_cond(x))
   if isinstance(model, TextToImageUNet):  # the prompts' hidden states once, not at every step
     labels, uncond = text_context(model, params, labels), text_context(model, params, jnp.atleast_2d(uncond))
     unet = UNet(model.config, remat=model.remat)
-    model_fn = lambda x, t, context: unet.apply({"params": params["unet"]}, x, t, context=context)
+    model_fn = lambda x, t, context: unet.apply({"params": params["unet"]}, x, t, context=context,
+                                                **timestep_cond(x))
   controlnet, control_params, images, scale = control
   if controlnet is not None:
     model_fn = controlled_model_fn(model, params, controlnet, control_params, images, scale)
@@ -115,17 +122,20 @@ def sample_unet(model: UNet, params, schedule: Schedule, noise, keys, *, labels=
 
 
 def _conditions(model, batch: int, labels, negative_labels, guidance_scale):
-  """(labels, uncond, guided): the condition and null condition arrays sample_unet documents, and whether to guide."""
+  """(labels, uncond, guided): the condition and null condition arrays sample_unet documents, and whether to guide
+  (never for a model that takes the guidance scale as an input: one evaluation per step)."""
+  scale_input = bool(model.config.time_cond_proj_dim)
   if isinstance(model, TextToImageUNet):
     if labels is None or negative_labels is None:
       raise ValueError("a text model samples from prompt token ids (labels) and the negative or empty prompt's "
                        "(negative_labels)")
-    return jnp.asarray(labels, jnp.int32), jnp.asarray(negative_labels, jnp.int32), guidance_scale != 1.0
+    guided = guidance_scale != 1.0 and not scale_input
+    return jnp.asarray(labels, jnp.int32), jnp.asarray(negative_labels, jnp.int32), guided
   num_classes = model.config.num_classes
   if not num_classes:
     return None, None, False
   null = jnp.full((batch,), num_classes, jnp.int32)
-  guided = guidance_scale != 1.0 or negative_labels is not None
+  guided = (guidance_scale != 1.0 or negative_labels is not None) and not scale_input
   return (null if labels is None else jnp.asarray(labels, jnp.int32),
           null if negative_labels is None else jnp.asarray(negative_labels, jnp.int32), guided)
 

@@ -552,6 +552,8 @@ class Pipeline:
       spacing = self._flow_levels()
     steps = sc.steps if steps is None else steps
     self._check_sampler(sampler, steps, spacing)
+    if sampler == "lcm" and isinstance(spacing, str):
+      spacing = self._lcm_spacing()
     if not 0.0 <= guidance_rescale <= 1.0:
       raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1]")
     eta = sc.eta if eta is None else eta
@@ -576,6 +578,14 @@ class Pipeline:
                        f"{', '.join(s for s in samplers.SPACINGS if s != 'flow')}")
     return schedulers.FlowMatchLevels(shift=dc.flow_shift_for(self.config.model.image_size),
                                       dynamic=dc.flow_resolution_shift, num_train_timesteps=dc.num_timesteps)
+  def _lcm_spacing(self) -> samplers.LCMSpacing:
+    """The 'lcm' sampler's timesteps and boundary condition: those a consistency-distilled model was trained with
+    (config.distill), else LCMScheduler's defaults."""
+    dc = self.config.distill
+    if dc.enabled and dc.method == "lcm":
+      return samplers.LCMSpacing(original_steps=self.config.diffusion.num_timesteps // dc.skip_steps,
+                                 timestep_scaling=dc.timestep_scaling)
+    return samplers.LCMSpacing()
 
   def _scheduler_options(self, sampler: str | None) -> tuple[Schedule, dict]:
     """The schedule and sampler options of the directory's scheduler config, read as `sampler`'s class (None: its
@@ -791,6 +801,9 @@ def _load_workdir(workdir: str, step: int | None, ema: bool) -> Pipeline:
       raise ConfigError(f"work dir {workdir!r} holds LoRA adapters of {config.finetune.base}, not a model: apply them "
                         f"to it with jdiff.load({config.finetune.base!r}).with_lora({workdir!r}), or sample.py "
                         f"--workdir {config.finetune.base} --lora {workdir}")
+    if config.distill.enabled:  # a distilled student samples the steps it was distilled for
+      config = dataclasses.replace(config, sampling=dataclasses.replace(
+          config.sampling, steps=config.distill.student_steps(s)))
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                                       build.abstract_params(config))
     params = checkpoint.restore_params(manager, s, abstract, "ema_params" if ema else "params")

@@ -18,6 +18,7 @@ model's prediction there; a multistep sampler's later steps give that first eval
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -29,11 +30,11 @@ from jdiff import diffusion, flow
 from jdiff.schedules import Schedule, sigma_to_t
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms", "plms",
-            "flow_euler")
+            "flow_euler", "lcm")
 # "flow": a flow model's FlowMatchEuler levels (jdiff.schedulers.FlowMatchLevels), which the Pipeline builds from
 # the model's shift; the samplers themselves take that rule, not the name.
 SPACINGS = ("leading", "trailing", "linspace", "karras", "flow")
-DEFAULT_ETA = {"ddpm": 1.0, "ddim": 0.0, "euler_ancestral": 1.0, "dpmpp_2m_sde": 1.0}
+DEFAULT_ETA = {"ddpm": 1.0, "ddim": 0.0, "euler_ancestral": 1.0, "dpmpp_2m_sde": 1.0, "lcm": 1.0}
 TUNABLE_ETA = ("ddim", "euler_ancestral", "dpmpp_2m_sde")
 
 
@@ -307,9 +308,57 @@ def flow_euler(denoise, x, levels, **_):
   return _scan(step, (x,), levels)[0]
 
 
+# Latent consistency models (Luo et al., 2023), as diffusers' LCMScheduler samples them.
+
+def lcm_timesteps(*, num_timesteps: int, steps: int, original_steps: int = 50) -> np.ndarray:
+  """LCMScheduler's descending timesteps: `steps` evenly spaced indices into the distillation solver's skipping
+  grid k - 1, 2k - 1, ..., T - 1 (k = T // original_steps) read from its end."""
+  if not 1 <= steps <= original_steps <= num_timesteps:
+    raise ValueError(f"lcm sampling needs 1 <= steps ({steps}) <= original_steps ({original_steps}) <= "
+                     f"num_timesteps ({num_timesteps})")
+  k = num_timesteps // original_steps
+  grid = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+  return grid[np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)].astype(np.int32)
+
+
+def consistency_scalings(t, timestep_scaling: float, sigma_data: float = 0.5):
+  """(c_skip, c_out) of the consistency parameterisation f = c_skip x_t + c_out x0 at timestep t: c_skip -> 1 and
+  c_out -> 0 at t = 0 (the boundary condition), sharpened by timestep_scaling (LCM's 10)."""
+  scaled = jnp.asarray(t, jnp.float32) * timestep_scaling
+  return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / jnp.sqrt(scaled**2 + sigma_data**2)
+
+
+@dataclasses.dataclass(frozen=True)
+class LCMSpacing:
+  """The levels and boundary condition of the 'lcm' sampler: a spacing rule (see `sampling_levels`) of
+  lcm_timesteps, the last step landing on the data, and the consistency model's timestep_scaling."""
+  original_steps: int = 50
+  timestep_scaling: float = 10.0
+
+  def levels(self, schedule: Schedule, steps: int) -> Levels:
+    ts = lcm_timesteps(num_timesteps=schedule.num_timesteps, steps=steps, original_steps=self.original_steps)
+    sigmas = schedule.sigmas[ts]
+    return Levels(sigmas=sigmas, ts=jnp.asarray(ts, jnp.float32), targets=jnp.concatenate([sigmas[1:], jnp.zeros(1)]),
+                  multistep=jnp.zeros(steps, bool), init_scale=jnp.sqrt(1.0 + sigmas[0] ** 2),
+                  final_scale=jnp.float32(1.0))
+
+
+def lcm(denoise, x, levels, *, noise, consistency: LCMSpacing, **_):
+  """Multistep consistency sampling: at each level the consistency function f = c_skip x_t + c_out x0 (x_t in
+  the variance-preserving scale) estimates the data, and fresh noise takes it to the next level; the last step
+  returns f."""
+  def step(carry, s):
+    x = carry[0]
+    m, _ = denoise(x, s.sigma, s.t)
+    c_skip, c_out = consistency_scalings(s.t, consistency.timestep_scaling)
+    x_t = jnp.where(jnp.isfinite(s.sigma), x / jnp.sqrt(1.0 + s.sigma**2), x)
+    return (c_out * m + c_skip * x_t + s.sigma_next * noise(s.i),)
+  return _scan(step, (x,), levels)[0]
+
+
 _SAMPLER_FNS = {"ddpm": ancestral, "ddim": ancestral, "euler": ancestral, "euler_ancestral": ancestral,
                 "heun": heun, "dpmpp_2m": dpmpp_2m, "dpmpp_2m_sde": dpmpp_2m, "unipc": unipc, "lms": lms,
-                "plms": plms, "flow_euler": flow_euler}
+                "plms": plms, "flow_euler": flow_euler, "lcm": lcm}
 
 
 # The loop.
@@ -400,8 +449,11 @@ def sample(model_fn, schedule: Schedule, noise, cond=None, *, sampler: str = "dd
   clip_x0: clip each predicted x0 to [-1, 1], as diffusers' DDPM/DDIM clip_sample does by default for pixel
     models; pass False for latents or data outside [-1, 1].
   lower_order_final: multistep samplers take their last step between nonzero levels at first order.
+  sampler 'lcm' (a consistency model's): spacing is an LCMSpacing; a spacing name takes LCMSpacing's defaults.
   Traced: noise, cond, rng, eta, schedule. Static: everything else, including model_fn (hashed by identity).
   """
+  if sampler == "lcm" and not isinstance(spacing, LCMSpacing):
+    spacing = LCMSpacing()  # a spacing name: LCMScheduler's defaults
   _check(schedule, sampler=sampler, steps=steps, spacing=spacing, prediction=prediction)
   eta, rng = _eta_and_rng(sampler, eta, rng)
   return _sample(model_fn, schedule, noise, cond, rng, eta, sampler=sampler, steps=steps,
@@ -415,7 +467,7 @@ def _sample(model_fn, schedule, noise, cond, rng, eta, *, sampler, steps, predic
             clip_x0, lower_order_final):
   levels = sampling_levels(schedule, steps=steps, spacing=spacing, lower_order_final=lower_order_final)
   return _run(model_fn, schedule, levels, noise, cond, rng, eta, sampler=sampler, prediction=prediction,
-              clip_x0=clip_x0)
+              clip_x0=clip_x0, consistency=spacing if sampler == "lcm" else None)
 
 
 def sample_levels(model_fn, schedule: Schedule, levels: Levels, noise, cond=None, *, sampler: str,
@@ -428,12 +480,12 @@ def sample_levels(model_fn, schedule: Schedule, levels: Levels, noise, cond=None
               clip_x0=clip_x0)
 
 
-def _run(model_fn, schedule, levels, noise, cond, rng, eta, *, sampler, prediction, clip_x0):
+def _run(model_fn, schedule, levels, noise, cond, rng, eta, *, sampler, prediction, clip_x0, consistency=None):
   denoise = _denoiser(model_fn, cond, prediction=prediction, clip_x0=clip_x0, num_timesteps=schedule.num_timesteps)
   noise = noise.astype(jnp.float32)
   x = jnp.where(jnp.isinf(levels.sigmas[0]), noise, noise * levels.init_scale)
   x = _SAMPLER_FNS[sampler](denoise, x, _steps(schedule, levels), eta=jnp.asarray(eta, jnp.float32),
-                            noise=_step_noise(rng, x.shape), prediction=prediction)
+                            noise=_step_noise(rng, x.shape), prediction=prediction, consistency=consistency)
   return x * levels.final_scale
 
 

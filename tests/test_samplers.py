@@ -106,7 +106,11 @@ def run_sampler(sampler):
   return jax.device_get(run(jax.random.normal(jax.random.key(0), (N, 6)), jax.random.key(2)))
 
 
-@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+# The samplers of any diffusion model: 'lcm' samples consistency models, at most 50 steps (tests/test_distill.py).
+DIFFUSION_SAMPLERS = [s for s in samplers.SAMPLERS if s != "lcm"]
+
+
+@pytest.mark.parametrize("sampler", DIFFUSION_SAMPLERS)
 def test_sampler_on_exact_denoisers(sampler):
   out = run_sampler(sampler)
   # PLMS extrapolates the model's own outputs, and v's (unlike eps's) are not exact for a point mass.
@@ -350,7 +354,7 @@ ZERO_SNR_ERRORS = {"ddim": 0.05, "heun": 4e-3, "dpmpp_2m": 5e-3, "unipc": 4e-3, 
                    "plms": 0.08}  # PLMS extrapolates v, first order (as diffusers' PNDM)
 
 
-@pytest.mark.parametrize("sampler", [s for s in samplers.SAMPLERS if s != "euler"])  # euler is ddim
+@pytest.mark.parametrize("sampler", [s for s in DIFFUSION_SAMPLERS if s != "euler"])  # euler is ddim
 def test_zero_terminal_snr_starts_from_pure_noise(sampler):
   """From sigma = inf every sampler runs finite, and where the limit exists, as from a huge sigma (1e6)."""
   z = jax.random.normal(jax.random.key(12), (64, 3))

@@ -34,6 +34,13 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *, f
   return jnp.pad(jnp.concatenate(waves, axis=-1), ((0, 0), (0, dim - 2 * half)))
 
 
+def guidance_embedding(guidance_scale: jax.Array, dim: int) -> jax.Array:
+  """The embedding [B, dim] of classifier-free guidance scales [B] that a latent consistency model takes as its
+  timestep_cond: the sinusoid of 1000 w, w = guidance_scale - 1 being the weight of pred = cond + w (cond - uncond),
+  as diffusers' LatentConsistencyModelPipeline embeds it."""
+  return timestep_embedding(1000.0 * (jnp.asarray(guidance_scale, jnp.float32) - 1.0), dim)
+
+
 class GroupNorm(nn.Module):
   """nn.GroupNorm's parameters and maths (eps 1e-6, variance as E[x^2] - E[x]^2), computed from per-channel moments.
 
@@ -90,14 +97,18 @@ def dense(features: int, dtype, name: str | None = None, zero: bool = False) -> 
 
 
 class TimeEmbedding(nn.Module):
-  """Sinusoid of width `channels`, then Dense(4*channels), SiLU, Dense(4*channels); fp32 (it is tiny)."""
+  """Sinusoid of width `channels` (plus a projection of `cond` if given), then Dense(4*channels), SiLU,
+  Dense(4*channels); fp32 (it is tiny)."""
   channels: int
   flip_sin_to_cos: bool = False
   freq_shift: float = 1.0
 
   @nn.compact
-  def __call__(self, t: jax.Array) -> jax.Array:
+  def __call__(self, t: jax.Array, cond: jax.Array | None = None) -> jax.Array:
     emb = timestep_embedding(t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+    if cond is not None:  # a condition on the timestep (a guidance scale's embedding), zero at initialisation
+      emb = emb + nn.Dense(self.channels, use_bias=False, kernel_init=zero_init, name="cond_proj")(
+          cond.astype(jnp.float32))
     emb = nn.silu(dense(4 * self.channels, jnp.float32, name="dense0")(emb))
     return dense(4 * self.channels, jnp.float32, name="dense1")(emb)
 

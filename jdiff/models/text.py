@@ -155,12 +155,14 @@ class TextToImageUNet(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, ids: jax.Array, *, residuals=None, train: bool = False) -> jax.Array:
-    """x [B,H,W,C], t float [B] or scalar, ids int token ids [B, L]; residuals as UNet's."""
+  def __call__(self, x: jax.Array, t: jax.Array, ids: jax.Array, *, residuals=None, train: bool = False,
+               timestep_cond: jax.Array | None = None) -> jax.Array:
+    """x [B,H,W,C], t float [B] or scalar, ids int token ids [B, L]; residuals and timestep_cond as UNet's."""
     context = TextEncoder(self.text, name="text_encoder")(ids)
     if not self.train_text:
       context = jax.lax.stop_gradient(context)
-    return UNet(self.config, remat=self.remat, name="unet")(x, t, context=context, residuals=residuals, train=train)
+    return UNet(self.config, remat=self.remat, name="unet")(x, t, context=context, residuals=residuals, train=train,
+                                                           timestep_cond=timestep_cond)
 
 
 # Loading CLIP text weights.

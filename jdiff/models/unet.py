@@ -46,6 +46,9 @@ class UNetConfig:
   norm_eps: float = 1e-6  # the group norms' epsilon, but the transformers' own (1e-6, as in diffusers)
   flip_sin_to_cos: bool = False  # the timestep embedding: cosines first (Stable Diffusion) or sines first (DDPM)
   freq_shift: float = 1.0  # its frequencies are 10000^(-i / (channels / 2 - freq_shift)); SD: 0, DDPM: 1
+  # > 0: the U-Net takes a condition [B, time_cond_proj_dim] (a guidance scale's embedding, as in latent consistency
+  # models) added through a bias-free, zero-initialised Dense to the timestep's sinusoid (diffusers' cond_proj).
+  time_cond_proj_dim: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -98,6 +101,7 @@ class UNetConfig:
     _require(self.context_dim >= 0, "context_dim", self.context_dim, "0 (no text) or the text encoder's width")
     _require(not (self.context_dim and self.num_classes), "num_classes", self.num_classes,
              "0 when context_dim > 0: a model is conditioned on class labels or on text, not both")
+    _require(self.time_cond_proj_dim >= 0, "time_cond_proj_dim", self.time_cond_proj_dim, "0 or a positive integer")
     _require(0 <= self.dropout < 1, "dropout", self.dropout, "a rate in [0, 1)")
     _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
     levels = len(self.channel_mults)
@@ -132,13 +136,18 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None, *,
-               context: jax.Array | None = None, residuals=None, train: bool = False) -> jax.Array:
+               context: jax.Array | None = None, residuals=None, train: bool = False,
+               timestep_cond: jax.Array | None = None) -> jax.Array:
     """x [B,H,W,C], t float [B] or scalar, labels int [B] or None (all null; ignored when num_classes == 0),
     context [B, M, context_dim] for a text-conditional U-Net (context_dim > 0), residuals (one per skip
-    connection, one for the middle block's output) added to them, as a ControlNet's (jdiff.models.controlnet)."""
+    connection, one for the middle block's output) added to them, as a ControlNet's (jdiff.models.controlnet),
+    timestep_cond [B, time_cond_proj_dim] for one that takes it."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    emb = self._embedding(jnp.broadcast_to(t, x.shape[:1]), labels)
+    if bool(cfg.time_cond_proj_dim) != (timestep_cond is not None):
+      raise ValueError(f"this U-Net takes timestep_cond [B, {cfg.time_cond_proj_dim}] (time_cond_proj_dim); got "
+                       f"{None if timestep_cond is None else timestep_cond.shape}")
+    emb = self._embedding(jnp.broadcast_to(t, x.shape[:1]), labels, timestep_cond)
     res_block, attention_block, transformer = ResBlock, AttentionBlock, SpatialTransformer
     if self.remat:
       res_block, attention_block = nn.remat(ResBlock, static_argnums=(3,)), nn.remat(AttentionBlock)
@@ -186,10 +195,10 @@ class UNet(nn.Module):
     h = nn.silu(group_norm(h, cfg.norm_groups, "norm_out", cfg.norm_eps))
     return conv3x3(cfg.output_channels, jnp.float32, "conv_out", zero=True)(h)
 
-  def _embedding(self, t: jax.Array, labels: jax.Array | None) -> jax.Array:
+  def _embedding(self, t: jax.Array, labels: jax.Array | None, timestep_cond: jax.Array | None = None) -> jax.Array:
     """Time embedding [B, 4*channels], plus the class embedding for a conditional model."""
     cfg = self.config
-    emb = TimeEmbedding(cfg.channels, cfg.flip_sin_to_cos, cfg.freq_shift, name="time_embed")(t)
+    emb = TimeEmbedding(cfg.channels, cfg.flip_sin_to_cos, cfg.freq_shift, name="time_embed")(t, timestep_cond)
     if cfg.num_classes == 0:
       return emb
     if labels is None:
