@@ -163,6 +163,7 @@ def sr_pipe():
   return jdiff.from_state(config, params)
 
 
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_upscale_feeds_the_upsampled_image_and_each_output_depends_on_its_input_and_seed_alone(sr_pipe):
   low = np.random.default_rng(5).integers(0, 256, (2, 4, 4, 1)).astype(np.uint8)
   samples = sr_pipe.upscale(low, seed=7, steps=2, batch_size=2)
@@ -175,6 +176,7 @@ def test_upscale_feeds_the_upsampled_image_and_each_output_depends_on_its_input_
   np.testing.assert_array_equal(images.model_range_to_uint8(direct), samples.images)
 
 
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_conditioned_models_say_which_call_samples_them(sr_pipe):
   with pytest.raises(ValueError, match=r"conditioned on an image \(super_resolution\); sample it with upscale"):
     sr_pipe.generate(num=1)

@@ -55,6 +55,7 @@ def test_training_evaluation_is_the_distance_of_the_checkpoints_samples(network,
                                                           fid.FeatureStats.of(reference.features, "x")), rel=1e-5)
 
 
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_evaluate_cli_reports_distances_and_bits_per_dim(network, tiny_workdir, tmp_path, capsys):
   out = tmp_path / "eval.json"
   code, stdout, err = cli(evaluate_cli, capsys, "--workdir", tiny_workdir, "--metric", "fd,kd,bpd,ode_bpd", "--num", 12,

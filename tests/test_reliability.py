@@ -433,6 +433,7 @@ def test_bad_values_fail_in_a_real_process_with_one_line_and_write_nothing(train
 
 # ---------------------------------------------------------------- the VAE trainer, through the same loop
 
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_vae_training_resumes_bit_identically_and_stops_on_a_non_finite_step(tmp_path, monkeypatch):
   from tests.test_vae import tiny_vae_config
   data_dir = os.environ["TFDS_DATA_DIR"]

@@ -109,6 +109,7 @@ def test_kl_closed_form_matches_monte_carlo():
   assert float(clipped.mean[0, 0]) == 1.0 and float(clipped.logvar[0, 0]) == -30.0
 
 
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_vae_train_steps_lower_the_loss_on_a_fixed_batch():
   config = parse_vae_config(tiny_vae_config("unused", learning_rate=3e-3, warmup_steps=1))
   yy, xx = np.mgrid[:16, :16] / 15.0
