@@ -108,6 +108,7 @@ def test_ddim_inversion_round_trip(pipe):
   assert np.abs(back.astype(np.float64) - images).mean() / 255 < 0.02
 
 
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_interpolation_starts_at_the_seeds_sample_and_moves_in_small_steps(pipe):
   strip = pipe.interpolate(6, seed=4, label=3, label_end=8, steps=4, spacing="karras", sampler="heun")
   assert strip.images.shape == (6, 8, 8, 1) and strip.labels.tolist() == [3, 3, 3, 8, 8, 8]

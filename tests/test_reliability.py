@@ -151,6 +151,7 @@ def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
     (flip_middle_of_largest_data_file,
      r"checksum mismatch: \S+ (differs|and \d+ other arrays differ) from what was saved"),
 ])
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_unreadable_latest_checkpoint_falls_back_and_is_set_aside(trained, tmp_path, damage, reason):
   """Truncated files, and flipped bytes that leave every file's size as it was, found the same way."""
   source, straight = trained
@@ -240,6 +241,7 @@ def digits_batch(nan=False):
   return {"image": jnp.asarray(images), "label": jnp.asarray(np.arange(16) % 10, jnp.int32)}
 
 
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_a_non_finite_step_is_not_applied(step_setup):
   config, schedule, state = step_setup
   step = jax.jit(functools.partial(train_step, config=config))

@@ -40,6 +40,7 @@ def setup():
   return config, schedule, state
 
 
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_train_step_lowers_the_loss_on_a_fixed_batch(setup):
   config, schedule, state = setup
   batch = fixed_batch()
@@ -94,6 +95,7 @@ def test_sharded_training_on_8_devices_matches_one_device(setup):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # trains or compiles enough to crowd the fast tier
 def test_resuming_from_a_checkpoint_gives_identical_params(tmp_path):
   straight = train_and_evaluate(tiny_config(num_steps=6, checkpoint_every=3), str(tmp_path / "a")).state
   train_and_evaluate(tiny_config(num_steps=3, checkpoint_every=3), str(tmp_path / "b"))
