@@ -1,7 +1,7 @@
 """Progressive distillation of the digits model (configs/default.py, v-prediction, cosine schedule) down to 1 step.
 
   python train.py --config configs/distill_digits.py --workdir runs/distill \\
-    --config.distill.teacher=/work/runs13/default
+    --config.distill.teacher=runs/default
   python sample.py --workdir runs/distill --out distilled.png   # 1 DDIM step, no guidance pass
   python sample.py --workdir runs/distill --checkpoint 1200 --out four.png  # the 4-step round's student
 

@@ -1,6 +1,6 @@
 """Latent consistency distillation of the text-to-image shapes model (configs/shapes.py) for 1 to 8 step sampling.
 
-  python train.py --config configs/lcm_shapes.py --workdir runs/lcm_shapes --config.distill.teacher=/work/runs13/shapes
+  python train.py --config configs/lcm_shapes.py --workdir runs/lcm_shapes --config.distill.teacher=runs/shapes
   python sample.py --workdir runs/lcm_shapes --prompt "a red square" --out lcm.png   # sampler lcm, 4 steps
   python sample.py --workdir runs/lcm_shapes --prompt "a red square" --steps 1 --guidance_scale 5 --out one.png
 

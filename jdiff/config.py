@@ -539,6 +539,10 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
   """Validates a ConfigDict (or plain nested dict) and returns the typed Config."""
   raw = _to_dict(raw)
   _reject_unknown("", raw, ["seed", *SECTIONS])
+  # Before the sections: a distillation config's model and data are its teacher's, so without one they disagree.
+  if isinstance(raw.get("distill"), dict) and raw["distill"].get("teacher") is None:
+    raise ConfigError("config.distill.teacher is not set: pass --config.distill.teacher=WORKDIR, the work dir of the "
+                      "model to distil")
   config = Config(seed=_seed(raw), **_parse_sections(raw, SECTIONS))
   if config.finetune.base and "model" not in raw:  # The base's model is checked once jdiff/train/finetune.py has it.
     _check_finetune(config)

@@ -65,6 +65,14 @@ def test_weightings():
   np.testing.assert_allclose(distill.x0_weight(SCHEDULE, t, "truncated_snr"), jnp.maximum(snr, 1), rtol=1e-6)
 
 
+def test_a_distillation_config_without_its_teacher_says_so_before_its_sections_disagree():
+  from jdiff.config import ConfigError, parse_config
+  from jdiff.configs import distill_digits, lcm_shapes
+  for module in (distill_digits, lcm_shapes):  # their model and data sections are the teacher's, absent here
+    with pytest.raises(ConfigError, match=r"^config\.distill\.teacher is not set: pass --config\.distill\.teacher="):
+      parse_config(module.get_config())
+
+
 def test_student_steps_of_each_round():
   from jdiff.config import DistillConfig
   dc = DistillConfig(teacher="t", teacher_steps=64, steps=4, steps_per_round=10)

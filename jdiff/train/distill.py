@@ -218,9 +218,6 @@ def train(raw: dict, workdir: str) -> loop.TrainResult:
   """Distils the teacher that raw's distill section names, in `workdir` (resuming in its round)."""
   import jdiff  # the inference API reads the teacher, whatever its format
   teacher_dir = parse_config(raw).distill.teacher
-  if teacher_dir is None:
-    raise ConfigError("config.distill.teacher is not set: pass --config.distill.teacher=WORKDIR, the work dir of the "
-                      "model to distil")
   try:
     teacher = jdiff.load(teacher_dir)
   except (OSError, ValueError) as e:
