@@ -69,6 +69,8 @@ def edit(model_fn, schedule: Schedule, x0, noise, cond=None, *, mask=None, stren
     (0: none); resampling draws fresh noise and needs rng.
   Everything else as jdiff.samplers.sample; rng also draws the resampling noise.
   """
+  if sampler == "lcm" and not isinstance(spacing, samplers.LCMSpacing):
+    spacing = samplers.LCMSpacing()  # a spacing name: LCMScheduler's defaults, as in jdiff.samplers.sample
   _check(schedule, sampler=sampler, steps=steps, spacing=spacing, prediction=prediction)
   start = start_step(steps, strength)
   if resample_jumps < 0 or resample_rounds < 0:
@@ -93,7 +95,7 @@ def _edit(model_fn, schedule, x0, noise, mask, cond, rng, eta, *, sampler, steps
   levels = samplers.sampling_levels(schedule, steps=steps, spacing=spacing)
   run = jax.tree.map(lambda a: a[start:], _steps(schedule, levels))
   x0, noise = jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32)
-  denoise = _denoiser(model_fn, cond, prediction=prediction, clip_x0=clip_x0)
+  denoise = _denoiser(model_fn, cond, prediction=prediction, clip_x0=clip_x0, num_timesteps=schedule.num_timesteps)
   sigma = levels.sigmas[start]
   x = jnp.where(jnp.isinf(sigma), noise, x0 + sigma * noise)
   if mask is not None:
@@ -102,7 +104,7 @@ def _edit(model_fn, schedule, x0, noise, mask, cond, rng, eta, *, sampler, steps
     x = mask * fresh + (1.0 - mask) * x
     denoise = _replacing(denoise, x0, noise, mask)
   sample_fn = functools.partial(_SAMPLER_FNS[sampler], denoise, eta=jnp.asarray(eta, jnp.float32),
-                                prediction=prediction)
+                                prediction=prediction, consistency=spacing if sampler == "lcm" else None)
   if rounds:
     ends = jnp.concatenate([levels.sigmas, levels.targets[-1:]])[start:]
     x = _resampled(sample_fn, x, run, ends, rng, jumps=jumps, rounds=rounds)
