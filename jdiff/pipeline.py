@@ -207,16 +207,11 @@ class Pipeline:
     conds = self._cond(label, prompts, num)
     noise = None if latents is None else self._check_latents(latents, num, shape)
     controls = self._controls(control_image, control_scale, num, shape, options)
-    size = min(batch_size, num)
-    outputs = []
-    for start in range(0, num, size):
-      part = slice(start, min(start + size, num))
-      outputs.append(self._sample_padded(seeds[part], None if noise is None else noise[part],
-                                         None if conds is None else conds[part], size, options, shape,
-                                         None if controls is None else controls[part]))
-      if progress:
-        progress(part.stop, num)
-    sampled = np.concatenate(outputs)
+    def sample_batch(pad):
+      seeded, keys = gen.seeded_noise(shape, pad(seeds))
+      batch_options = options if controls is None else dict(options, control=pad(controls))
+      return self._sample(seeded if noise is None else pad(noise), keys, pad(conds), batch_options)
+    sampled = _in_batches(num, batch_size, sample_batch, progress)
     cycled = prompt is None and label is None
     cycle = (len(self.config.text.sample_prompts or ("",)) if prompts else self.config.model.num_classes) or None
     return self._samples(sampled, seeds, prompts, None if prompts else conds, cycle if cycled else None)
@@ -374,22 +369,14 @@ class Pipeline:
     prompts = self._prompts(prompt, num)
     conds = self._cond(label, prompts, num)
     noise = None if latents is None else self._check_latents(latents, num, shape)
-    size = min(batch_size, num)
-    outputs = []
-    for start in range(0, num, size):
-      part = slice(start, min(start + size, num))
-      n = part.stop - part.start
-      pad = lambda a: None if a is None else np.concatenate([a[part], np.repeat(a[part][-1:], size - n, axis=0)])
+    def edit_batch(pad):
       x0 = imaging.uint8_to_model_range(pad(images))
       x0 = np.asarray(self.codec.encode(x0)) if self.codec else x0  # the posterior mean
       seeded, keys = gen.seeded_noise(shape, pad(seeds))
-      edited = self._edit_batch(x0, seeded if noise is None else pad(noise), pad(mask), keys, pad(conds), options,
-                                strength=float(strength), resample_jumps=int(resample_jumps),
-                                resample_rounds=int(resample_rounds))
-      outputs.append(edited[:n])
-      if progress:
-        progress(part.stop, num)
-    sampled = np.concatenate(outputs)
+      return self._edit_batch(x0, seeded if noise is None else pad(noise), pad(mask), keys, pad(conds), options,
+                              strength=float(strength), resample_jumps=int(resample_jumps),
+                              resample_rounds=int(resample_rounds))
+    sampled = _in_batches(num, batch_size, edit_batch, progress)
     return self._samples(sampled, seeds, prompts, None if prompts else conds, None)
 
   def _edit_batch(self, x0, noise, mask, keys, conds, options: dict, **edit_options) -> np.ndarray:
@@ -483,22 +470,14 @@ class Pipeline:
     seeds = np.arange(seed, seed + num, dtype=np.int64)
     options = dict(options)
     negative, schedule = options.pop("negative_label"), options.pop("schedule")
-    size = min(batch_size, num)
-    outputs = []
-    for start in range(0, num, size):
-      part = slice(start, min(start + size, num))
-      n = part.stop - part.start
-      pad = lambda a: None if a is None else np.concatenate([a[part], np.repeat(a[part][-1:], size - n, axis=0)])
+    def sample_batch(pad):
       seeded, keys = gen.seeded_noise(shape, pad(seeds))
       negatives = None if negative is None else np.broadcast_to(np.asarray(negative, np.int32),
-                                                                (size,) + np.shape(negative))
-      sampled = gen.sample_conditioned(self.model, self.params, schedule, seeded if noise is None else pad(noise),
-                                       keys, pad(image_cond), labels=pad(conds), negative_labels=negatives,
-                                       prediction=self.config.diffusion.prediction, **options)
-      outputs.append(np.asarray(sampled)[:n])
-      if progress:
-        progress(part.stop, num)
-    return np.concatenate(outputs), seeds
+                                                                (len(keys),) + np.shape(negative))
+      return gen.sample_conditioned(self.model, self.params, schedule, seeded if noise is None else pad(noise),
+                                    keys, pad(image_cond), labels=pad(conds), negative_labels=negatives,
+                                    prediction=self.config.diffusion.prediction, **options)
+    return _in_batches(num, batch_size, sample_batch, progress), seeds
 
   def _count(self, num, prompt, label, latents) -> int:
     if prompt is not None and not (isinstance(prompt, str) or _is_str_sequence(prompt)):
@@ -578,6 +557,7 @@ class Pipeline:
                        f"{', '.join(s for s in samplers.SPACINGS if s != 'flow')}")
     return schedulers.FlowMatchLevels(shift=dc.flow_shift_for(self.config.model.image_size),
                                       dynamic=dc.flow_resolution_shift, num_train_timesteps=dc.num_timesteps)
+
   def _lcm_spacing(self) -> samplers.LCMSpacing:
     """The 'lcm' sampler's timesteps and boundary condition: those a consistency-distilled model was trained with
     (config.distill), else LCMScheduler's defaults."""
@@ -595,16 +575,6 @@ class Pipeline:
     except ValueError as error:
       raise ValueError(f"{error} (in {self.source}/scheduler/scheduler_config.json; or pass a spacing name to "
                        "sample with jdiff's own conventions)") from None
-
-  def _sample_padded(self, seeds, noise, conds, size: int, options: dict, shape, controls=None) -> np.ndarray:
-    """Pads a short last batch to `size`, so every batch reuses one compiled program."""
-    n = len(seeds)
-    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)])
-    seeded, keys = gen.seeded_noise(shape, pad(seeds))
-    noise = seeded if noise is None else pad(noise)
-    if controls is not None:
-      options = dict(options, control=pad(controls))
-    return self._sample(noise, keys, None if conds is None else pad(conds), options)[:n]
 
   def _sample(self, noise, keys, conds, options: dict) -> np.ndarray:
     """What the sampler returns from initial noise (images in [-1, 1], or latents), as a host array; keys=None
@@ -719,6 +689,22 @@ class Pipeline:
     if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.config.diffusion.num_timesteps:
       raise ValueError(f"steps={steps!r} must be an integer between 1 and the model's "
                        f"{self.config.diffusion.num_timesteps} diffusion timesteps")
+
+
+def _in_batches(num: int, batch_size: int, sample_batch: Callable, progress: Progress | None) -> np.ndarray:
+  """sample_batch(pad) over batches of min(batch_size, num) rows, concatenated: pad(a) is a's rows of the batch (None
+  stays None), a short last batch padded by repeating its last row, so that every batch reuses one compiled
+  program."""
+  size = min(batch_size, num)
+  outputs = []
+  for start in range(0, num, size):
+    part = slice(start, min(start + size, num))
+    n = part.stop - part.start
+    pad = lambda a: None if a is None else np.concatenate([a[part], np.repeat(a[part][-1:], size - n, axis=0)])
+    outputs.append(np.asarray(sample_batch(pad))[:n])
+    if progress:
+      progress(part.stop, num)
+  return np.concatenate(outputs)
 
 
 def _is_str_sequence(value) -> bool:

@@ -16,7 +16,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 import jdiff
 from jdiff import build, diffusion, images, sharding
@@ -30,7 +29,7 @@ from jdiff.pipeline import Pipeline
 from jdiff.schedules import Schedule
 from jdiff.train.state import TrainState, apply_gradients, fresh_state
 from jdiff.train.step import training_draws
-from jdiff.train.unet import tokenize_captions
+from jdiff.train.unet import tokenize_captions, write_sample_grid
 
 RESUME_SECTIONS = ("model", "diffusion", "finetune", "controlnet")
 BASE_SECTIONS = ("model", "diffusion", "latent")  # taken whole from the base
@@ -163,11 +162,7 @@ class ControlNetTrainer:
                             control_scale=self.config.controlnet.scale)
     controls = np.repeat(fixed["control"], samples.images.shape[-1], axis=-1)
     grid = images.make_grid(np.concatenate([controls, samples.images], axis=2), 6)
-    writer.write_images(step, {"samples": grid[None]})
-    if jax.process_index() == 0:
-      path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
-      images.save_png(grid, path)
-      logging.info("sample grid written to %s", path)
+    write_sample_grid(writer, self.workdir, step, grid)
 
   def finish(self, state: TrainState, step: int, writer) -> None:
     pass

@@ -121,11 +121,7 @@ class FinetuneTrainer(unet.UNetTrainer):
     samples = pipe.generate(prompts and [prompts[i % len(prompts)] for i in range(self.config.sampling.num_samples)],
                             num=self.config.sampling.num_samples)
     grid = images.make_grid(samples.images, len(prompts) if prompts else None)
-    writer.write_images(step, {"samples": grid[None]})
-    if jax.process_index() == 0:
-      path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
-      images.save_png(grid, path)
-      logging.info("sample grid written to %s", path)
+    unet.write_sample_grid(writer, self.workdir, step, grid)
 
   def finish(self, state: TrainState, step: int, writer) -> None:
     if self.config.lora.enabled and jax.process_index() == 0:

@@ -77,11 +77,7 @@ class UNetTrainer:
       grid = images.make_grid(samples.images, samples.columns)
     else:
       grid = condition_grid(pipe, quality.real_split(pipe, "test"), min(self.config.sampling.num_samples, 10))
-    writer.write_images(step, {"samples": grid[None]})
-    if jax.process_index() == 0:
-      path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
-      images.save_png(grid, path)
-      logging.info("sample grid written to %s", path)
+    write_sample_grid(writer, self.workdir, step, grid)
 
   def evaluate(self, state: TrainState, step: int, writer) -> dict:
     """The Fréchet and kernel distances of training.eval_samples samples (the config's sampler, conditioned like
@@ -124,6 +120,15 @@ def condition_grid(pipe: Pipeline, held_out, num: int) -> np.ndarray:
     given = conditioning.masked(x, mask[..., None])
     made = pipe.inpaint_model(real, mask, label=labels).images
   return images.make_grid(np.concatenate([images.model_range_to_uint8(given), made, real]), num)
+
+
+def write_sample_grid(writer, workdir: str, step: int, grid) -> None:
+  """A training run's sample grid: to the metric writer, and (process 0) to WORKDIR/samples/step_N.png."""
+  writer.write_images(step, {"samples": grid[None]})
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    images.save_png(grid, path)
+    logging.info("sample grid written to %s", path)
 
 
 def tokenize_captions(tokenizer, batch: dict) -> dict:
